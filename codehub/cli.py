@@ -1,0 +1,110 @@
+"""The `codehub` command.
+
+Exit codes: 0 success; 2 bad configuration or usage (one line naming the key); 3 the
+database stayed unreachable for `database.connect_timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import config as config_mod
+from . import postgres, store
+
+EXIT_CONFIG = 2
+EXIT_DATABASE = 3
+
+log = logging.getLogger("codehub")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="codehub", description="CodeHub gateway and reconciler.")
+    p.add_argument("--config", "-c", default=os.environ.get("CODEHUB_CONFIG"),
+                   help="TOML config file (default: $CODEHUB_CONFIG, else built-in defaults)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the gateway (and the reconciler when leader)")
+    sub.add_parser("migrate", help="apply database migrations and exit")
+    cfg = sub.add_parser("config", help="configuration helpers")
+    cfg.add_argument("action", choices=["example", "check", "show"],
+                     help="example: print the documented defaults; check: validate; "
+                          "show: print the effective settings (secrets masked)")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "config" and args.action == "example":
+        sys.stdout.write(config_mod.example_toml())
+        return 0
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"codehub: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _setup_logging(cfg.log_level)
+    if args.command == "config":
+        if args.action == "show":
+            import orjson
+            sys.stdout.write(orjson.dumps(config_mod.describe_secret_free(cfg),
+                                          option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            print("config ok")
+        return 0
+    try:
+        if args.command == "migrate":
+            return asyncio.run(_migrate(cfg))
+        return _serve(cfg)
+    except postgres.DatabaseUnavailable as exc:
+        print(f"codehub: {exc}", file=sys.stderr)
+        return EXIT_DATABASE
+
+
+async def _migrate(cfg: config_mod.Config) -> int:
+    async with postgres.database_url(cfg.database.url, cfg.data_path) as url:
+        pool = await postgres.connect_pool(url, min_size=1, max_size=1,
+                                           connect_timeout=cfg.database.connect_timeout)
+        try:
+            async with pool.acquire() as conn:
+                applied = await store.migrate(conn)
+                version = await store.schema_version(conn)
+        finally:
+            await pool.close()
+    print(f"schema at version {version}; applied now: {applied or 'none'}")
+    return 0
+
+
+def _serve(cfg: config_mod.Config) -> int:
+    from aiohttp import web
+
+    from .app import build_app
+
+    try:
+        import uvloop
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        loop_name = "uvloop"
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        loop = asyncio.new_event_loop()
+        loop_name = "asyncio"
+    log.info("codehub serving on http://%s:%d (%s); data_dir %s", cfg.server.host,
+             cfg.server.port, loop_name, cfg.data_path)
+    web.run_app(
+        build_app(cfg), host=cfg.server.host, port=cfg.server.port,
+        shutdown_timeout=cfg.server.shutdown_timeout, loop=loop, print=None,
+        access_log=logging.getLogger("aiohttp.access") if cfg.log_level == "DEBUG" else None,
+    )
+    log.info("codehub stopped")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

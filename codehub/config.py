@@ -1,0 +1,383 @@
+"""Settings: a TOML file plus environment overrides, parsed into frozen dataclasses.
+
+Guarantees:
+- Parsing and validation happen here and nowhere else. Every other module receives typed,
+  already-valid values.
+- Every setting is one dataclass field with a default and a `doc`; `config.example.toml`
+  is generated from these fields (`codehub config example`), so it cannot drift.
+- Any bad input raises `ConfigError` whose message names the key (`section.key`) and what
+  is wrong with it: an unknown key, a wrong type, a value out of range.
+- Environment variables override the file: `CODEHUB_<SECTION>__<KEY>` (for example
+  `CODEHUB_SERVER__PORT=9000`, `CODEHUB_DATABASE__URL=postgresql://…`), and `CODEHUB_<KEY>`
+  for top-level keys (`CODEHUB_DATA_DIR`). Lists in the environment are comma-separated.
+- A section left out entirely (or an empty URL) selects the embedded default for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CODEHUB_"
+
+
+class ConfigError(Exception):
+    """A setting is wrong. The message is one line naming the key."""
+
+
+def setting(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+            choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
+    """Declare one setting: its default, its documentation and its valid range."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The HTTP listener."""
+
+    host: str = setting("127.0.0.1", "Address to listen on. 0.0.0.0 for all interfaces.")
+    port: int = setting(8000, "TCP port to listen on.", lo=1, hi=65535)
+    shutdown_timeout: float = setting(
+        8.0, "Seconds in-flight requests get to finish after SIGTERM/SIGINT.", lo=0, hi=600)
+    public_url: str = setting(
+        "", "Base URL users reach CodeHub at (for access links). Empty: derived from requests.")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """PostgreSQL. Empty url: an embedded PostgreSQL under data_dir/postgres."""
+
+    url: str = setting("", "postgresql://user:pass@host:port/db. Empty: embedded server.",
+                       secret=True)
+    pool_min: int = setting(1, "Connections kept open in the pool.", lo=0, hi=1000)
+    pool_max: int = setting(10, "Most connections the pool opens.", lo=1, hi=1000)
+    connect_timeout: float = setting(
+        30.0, "Seconds to keep retrying an unreachable database at start-up before exiting "
+        "with code 3.", lo=0, hi=3600)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """Redis carries hints between replicas. Empty url: an in-process hint bus (one replica)."""
+
+    url: str = setting("", "redis://host:port/db. Empty: in-process hint bus.", secret=True)
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """Object storage for COLD archives. Empty endpoint_url: a local directory under
+    data_dir/objects."""
+
+    endpoint_url: str = setting("", "S3/MinIO endpoint URL. Empty: local-directory store.")
+    region: str = setting("us-east-1", "S3 region.")
+    access_key_id: str = setting("", "S3 access key id.", secret=True)
+    secret_access_key: str = setting("", "S3 secret access key.", secret=True)
+    bucket: str = setting("codehub-archives", "Bucket for archives (created if missing).")
+    part_size_mib: int = setting(16, "Multipart upload part size in MiB.", lo=5, hi=5120)
+
+
+@dataclass(frozen=True, slots=True)
+class DockerConfig:
+    """The Docker engine that runs workspaces (the one prerequisite)."""
+
+    url: str = setting("", "Docker API URL. Empty: DOCKER_HOST or /var/run/docker.sock.")
+    network: str = setting("codehub-workspaces", "Bridge network the workspaces join.")
+    workspace_image: str = setting(
+        "codercom/code-server:latest", "Image of a new workspace unless the API names one.")
+    command: list[str] = setting(
+        ["--auth", "none", "--bind-addr", "0.0.0.0:8080"],
+        "Arguments given to the workspace image (code-server's).")
+    port: int = setting(8080, "Port the workspace serves HTTP and WebSocket on.", lo=1, hi=65535)
+    health_path: str = setting("/healthz", "Health-check path inside the workspace.")
+    memory_limit_mib: int = setting(2048, "Memory limit per workspace in MiB (0 = none).",
+                                    lo=0, hi=1 << 20)
+    cpu_limit: float = setting(1.0, "CPU limit per workspace in cores (0 = none).", lo=0, hi=1024)
+    start_timeout: float = setting(120.0, "Seconds a workspace gets to pass its health check.",
+                                   lo=1, hi=3600)
+    gateway_container: str = setting(
+        "", "Name of the gateway's own container, when it runs in one (joins the network).")
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveConfig:
+    """How homes are archived."""
+
+    compression_level: int = setting(1, "gzip level for archives (1 = fastest).", lo=0, hi=9)
+    helper_image: str = setting(
+        "", "Image for created-never-started helper containers that mount a volume for "
+        "archive/restore. Empty: the workspace's own image.")
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcilerConfig:
+    """The leader's control loop."""
+
+    enabled: bool = setting(True, "Campaign for leadership and reconcile in this replica.")
+    workers: int = setting(4, "Workspaces reconciled concurrently.", lo=1, hi=256)
+    resync_interval: float = setting(
+        30.0, "Seconds between enqueuing every non-converged workspace.", lo=0.1, hi=86400)
+    ttl_sweep_interval: float = setting(30.0, "Seconds between TTL sweeps.", lo=0.1, hi=86400)
+    default_warm_ttl: int = setting(
+        1800, "Idle seconds before RUNNING steps down to WARM (per-workspace overridable).",
+        lo=1, hi=10 * 365 * 86400)
+    default_cold_ttl: int = setting(
+        7 * 86400, "Idle seconds before WARM steps down to COLD (per-workspace overridable).",
+        lo=1, hi=10 * 365 * 86400)
+    max_failures: int = setting(
+        8, "Consecutive failures after which a workspace stays in ERROR until an admin acts.",
+        lo=1, hi=1000)
+    backoff_base: float = setting(1.0, "First retry delay in seconds (doubles).", lo=0.01,
+                                  hi=3600)
+    backoff_max: float = setting(300.0, "Longest retry delay in seconds.", lo=0.01, hi=86400)
+    stuck_timeout: float = setting(
+        900.0, "Seconds an operation may run without progress before it is failed and retried.",
+        lo=1, hi=86400)
+    leader_check_interval: float = setting(
+        2.0, "Seconds between liveness checks of the leader lock's connection.", lo=0.1, hi=60)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The proxy in front of the workspaces."""
+
+    activity_flush_interval: float = setting(
+        5.0, "Seconds between batched writes of last_access_at.", lo=0.1, hi=3600)
+    static_dir: str = setting("", "Directory of the pages' assets. Empty: the bundled ones.")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Credentials. Secrets are best given through the environment."""
+
+    admin_tokens: list[str] = setting(
+        [], "Bearer tokens accepted by the admin API. Empty: API only on a loopback listener.",
+        secret=True)
+    signing_keys: list[str] = setting(
+        [], "HMAC keys for access links and cookies; the first signs, all verify. Empty: a "
+        "key is generated and kept in data_dir/signing.key.", secret=True)
+    link_ttl: int = setting(300, "Default seconds an access link stays valid.", lo=1,
+                            hi=30 * 86400)
+    cookie_ttl: int = setting(12 * 3600, "Seconds a workspace cookie stays valid.", lo=60,
+                              hi=365 * 86400)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """All of CodeHub's settings."""
+
+    data_dir: str = setting("./data", "Where embedded PostgreSQL, local archives and keys live.")
+    log_level: str = setting("INFO", "Logging level.",
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    docker: DockerConfig = field(default_factory=DockerConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)
+            if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _coerce(key: str, kind: Any, value: Any, from_env: bool) -> Any:
+    """Turn a TOML value (or an environment string) into `kind`, or raise naming `key`."""
+    if typing.get_origin(kind) is list:
+        return _coerce_list(key, value, from_env)
+    if from_env:
+        value = _parse_env_scalar(key, kind, value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported setting type {kind!r}")  # pragma: no cover
+
+
+def _coerce_list(key: str, value: Any, from_env: bool) -> list[str]:
+    if from_env and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    return list(value)
+
+
+def _parse_env_scalar(key: str, kind: Any, raw: str) -> Any:
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+    if kind is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
+    if kind is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+    return raw
+
+
+def _check(key: str, f: dataclasses.Field[Any], value: Any) -> None:
+    lo, hi, choices = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("choices")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: must be >= {lo:g}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: must be <= {hi:g}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _build(cls: type, prefix: str, table: Mapping[str, Any],
+           env: Mapping[str, str], env_prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in table:
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        kind = hints[f.name]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            sub = table.get(f.name, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{key}: expected a [{f.name}] table, got {sub!r}")
+            kwargs[f.name] = _build(kind, f"{key}.", sub, env, f"{env_prefix}{f.name.upper()}__")
+            continue
+        env_name = f"{env_prefix}{f.name.upper()}"
+        if env_name in env:
+            value = _coerce(f"{key} (from {env_name})", kind, env[env_name], from_env=True)
+        elif f.name in table:
+            value = _coerce(key, kind, table[f.name], from_env=False)
+        else:
+            continue
+        _check(key, f, value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _unknown_env(env: Mapping[str, str]) -> None:
+    """Refuse CODEHUB_* variables that name no setting (a typo would otherwise be ignored)."""
+    known = {f"{ENV_PREFIX}{f.name.upper()}" for f in dataclasses.fields(Config)}
+    for sname, scls in _sections().items():
+        known.update(f"{ENV_PREFIX}{sname.upper()}__{f.name.upper()}"
+                     for f in dataclasses.fields(scls))
+    ignored = {"CODEHUB_FAILPOINT", "CODEHUB_CONFIG"}
+    for name in env:
+        if (name.startswith(ENV_PREFIX) and name not in known and name not in ignored
+                and not name.startswith("CODEHUB_TEST_")):
+            raise ConfigError(f"{name}: unknown setting in the environment")
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         env: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides, validate everything."""
+    env = os.environ if env is None else env
+    table: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                table = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _unknown_env(env)
+    cfg: Config = _build(Config, "", table, env, ENV_PREFIX)
+    if cfg.database.pool_min > cfg.database.pool_max:
+        raise ConfigError("database.pool_min: must be <= database.pool_max")
+    if cfg.reconciler.backoff_base > cfg.reconciler.backoff_max:
+        raise ConfigError("reconciler.backoff_base: must be <= reconciler.backoff_max")
+    return cfg
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def example_toml() -> str:
+    """The documented example file: every key, its default, what it does."""
+    out = ["# CodeHub configuration. Every key is shown with its default.",
+           "# Environment overrides: CODEHUB_<SECTION>__<KEY> (e.g. CODEHUB_SERVER__PORT=9000),",
+           "# CODEHUB_<KEY> for top-level keys. Lists in the environment are comma-separated.",
+           "# A section left out (or an empty url) selects the embedded default for it.", ""]
+
+    def emit(cls: type, obj: Any) -> None:
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
+                continue
+            doc = f.metadata["doc"]
+            extra = []
+            if f.metadata.get("choices"):
+                extra.append("one of " + ", ".join(f.metadata["choices"]))
+            if f.metadata.get("lo") is not None or f.metadata.get("hi") is not None:
+                extra.append(f"range {f.metadata['lo']:g}..{f.metadata['hi']:g}")
+            out.append(f"# {doc}" + (f" ({'; '.join(extra)})" if extra else ""))
+            out.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+
+    defaults = Config()
+    emit(Config, defaults)
+    for sname, scls in _sections().items():
+        out.append("")
+        out.append(f"[{sname}]")
+        out.append("# " + " ".join((scls.__doc__ or "").split()))
+        emit(scls, getattr(defaults, sname))
+    return "\n".join(out) + "\n"
+
+
+def describe_secret_free(cfg: Config) -> dict[str, Any]:
+    """The settings with secrets masked, for logging at start-up."""
+    def walk(cls: type, obj: Any) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                res[f.name] = walk(type(v), v)
+            elif f.metadata.get("secret") and v:
+                res[f.name] = "***"
+            else:
+                res[f.name] = v
+        return res
+    return walk(Config, cfg)
+

@@ -1,0 +1,48 @@
+"""Liveness and readiness endpoints.
+
+- `GET /healthz`: 200 while the process serves requests; touches nothing else.
+- `GET /readyz`: 200 only when the database answers and every bundled migration is
+  applied; 503 with the reason otherwise. The body also reports the hint bus and Docker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from . import keys, store
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status,
+                        content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    body: dict[str, object] = {}
+    try:
+        async with asyncio.timeout(2):
+            version = await store.schema_version(app[keys.POOL])
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        body.update(status="unready", reason=f"database: {exc or type(exc).__name__}")
+        return _json(body, 503)
+    body["schema_version"] = version
+    if version < store.LATEST_VERSION:
+        body.update(status="unready",
+                    reason=f"migrations: at {version}, expected {store.LATEST_VERSION}")
+        return _json(body, 503)
+    body["status"] = "ready"
+    return _json(body)
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)

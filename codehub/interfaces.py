@@ -1,0 +1,199 @@
+"""The seams between CodeHub's core and the outside world.
+
+The reconciler, the gateway and the API depend on these abstractions only; `app.py`
+chooses the concrete classes. M3 (Kubernetes) swaps implementations, nothing above.
+
+Contract shared by every method of InstanceController and StorageProvider: it is
+idempotent. Calling it again after it succeeded, or after the process died at any point
+inside it, is safe and ends in the same state as one successful call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from .model import InstanceState, VolumeState
+
+
+class AdapterError(Exception):
+    """Base of adapter errors. `retryable` tells the reconciler whether backing off helps."""
+
+    retryable: bool = True
+
+
+class PermanentError(AdapterError):
+    """Retrying will not help (an image that does not exist, a bad image reference)."""
+
+    retryable = False
+
+
+class IntegrityError(PermanentError):
+    """Data did not verify (checksum or size mismatch). Nothing was deleted."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatus:
+    state: InstanceState
+    exit_code: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamInfo:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedResource:
+    """Something labelled as ours in the runtime: used to find orphans."""
+
+    kind: str  # "container" | "volume"
+    name: str
+    workspace_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveInfo:
+    key: str
+    size: int
+    sha256: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    phase: str  # e.g. "reading", "uploading", "verifying", "downloading", "extracting"
+    done: int
+    total: int | None
+
+
+ProgressCallback = Callable[[Progress], Awaitable[None] | None]
+
+
+class InstanceController(ABC):
+    """Runs a workspace's IDE. RUNNING has a container; WARM and COLD have none."""
+
+    @abstractmethod
+    async def start(self, workspace_id: str, image_ref: str, volume_name: str) -> None:
+        """Ensure a container for the workspace runs with `volume_name` at its home, and
+        return once it answers its health check. Raise PermanentError when the image is
+        not available; AdapterError (with the container's last log lines) on timeout."""
+
+    @abstractmethod
+    async def stop(self, workspace_id: str) -> None:
+        """Ensure the workspace has no container. The volume is untouched."""
+
+    @abstractmethod
+    async def delete(self, workspace_id: str) -> None:
+        """Ensure nothing of the workspace's compute is left (container and anything
+        per-workspace the runtime made). The volume is untouched."""
+
+    @abstractmethod
+    async def get_status(self, workspace_id: str) -> InstanceStatus:
+        """Observe the container; never changes anything."""
+
+    @abstractmethod
+    async def resolve_upstream(self, workspace_id: str) -> UpstreamInfo:
+        """Where the gateway reaches the workspace's HTTP port."""
+
+    @abstractmethod
+    async def list_managed(self) -> list[ManagedResource]:
+        """Every container labelled as ours, for orphan detection."""
+
+
+class StorageProvider(ABC):
+    """Owns the home of a workspace: a volume (WARM/RUNNING) or an archive (COLD)."""
+
+    @abstractmethod
+    async def provision(self, workspace_id: str) -> str:
+        """Ensure an empty home volume exists; return its key (volume name)."""
+
+    @abstractmethod
+    async def get_volume_status(self, workspace_id: str, home_store_key: str) -> VolumeState:
+        """Observe the volume; never changes anything."""
+
+    @abstractmethod
+    async def archive(
+        self,
+        workspace_id: str,
+        home_store_key: str,
+        progress: ProgressCallback | None = None,
+    ) -> ArchiveInfo:
+        """Stream the volume into object storage and verify what was stored.
+        Deletes NOTHING: the caller commits the archive, then calls `purge(volume)`."""
+
+    @abstractmethod
+    async def restore(
+        self,
+        workspace_id: str,
+        archive_key: str,
+        expected_sha256: str,
+        progress: ProgressCallback | None = None,
+    ) -> str:
+        """Stream the archive into a NEW volume, verifying its checksum as it flows;
+        return the new volume's key. On any failure the new volume is removed and the
+        archive is left as it was."""
+
+    @abstractmethod
+    async def purge(self, home_store_key: str | None, archive_key: str | None) -> None:
+        """Delete the given volume and/or archive; what is already gone is ignored."""
+
+    @abstractmethod
+    async def list_managed(self) -> list[ManagedResource]:
+        """Every volume labelled as ours, for orphan detection."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    key: str
+    size: int
+    sha256: str
+    created_at: datetime
+    format: str  # "tar+gzip"
+
+
+class ObjectStore(ABC):
+    """A bucket of archives. Keys are `{workspace_id}/home.tar.gz` (+ `.meta`)."""
+
+    @abstractmethod
+    async def put_stream(
+        self, key: str, chunks: AsyncIterator[bytes], *, fmt: str = "tar+gzip"
+    ) -> ObjectMeta:
+        """Store the stream under `key` (multipart / atomic rename), hashing it on the fly;
+        write the `.meta` sidecar last. A crash leaves no object that looks complete."""
+
+    @abstractmethod
+    async def head(self, key: str) -> ObjectMeta | None:
+        """The stored meta of `key` checked against the stored object's size, or None."""
+
+    @abstractmethod
+    def get_stream(self, key: str) -> AsyncIterator[bytes]:
+        """Stream the object's bytes."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete the object and its meta; missing ones are ignored."""
+
+    @abstractmethod
+    async def list_keys(self, prefix: str = "") -> list[str]:
+        """Keys of stored archives (not their .meta), for orphan detection."""
+
+
+class HintBus(ABC):
+    """At-most-once notifications carrying workspace ids ("look at this one again").
+
+    A lost hint costs latency, never correctness: the leader also resyncs periodically.
+    """
+
+    @abstractmethod
+    async def publish(self, workspace_id: str) -> None:
+        """Tell every subscriber that this workspace changed. Never raises for a bus outage."""
+
+    @abstractmethod
+    def subscribe(self) -> AsyncIterator[str | None]:
+        """Yield workspace ids as they arrive; yields None after each (re)subscription,
+        meaning "hints may have been missed: resync everything"."""

@@ -1,0 +1,117 @@
+"""Configuration: every bad input is one line naming its key; the example cannot drift."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codehub import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "codehub.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_load_without_file_or_environment() -> None:
+    cfg = config.load(None, env={})
+    assert cfg.server.port == 8000
+    assert cfg.database.url == ""  # embedded default
+    assert cfg.reconciler.default_warm_ttl == 1800
+    assert cfg.reconciler.default_cold_ttl == 7 * 86400
+
+
+def test_file_values_are_read(tmp_path: Path) -> None:
+    p = write(tmp_path, '[server]\nport = 9001\n[auth]\nadmin_tokens = ["a", "b"]\n')
+    cfg = config.load(p, env={})
+    assert cfg.server.port == 9001
+    assert cfg.auth.admin_tokens == ["a", "b"]
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    p = write(tmp_path, "[server]\nport = 9001\n")
+    env = {"CODEHUB_SERVER__PORT": "9002", "CODEHUB_DATA_DIR": "/srv/x",
+           "CODEHUB_AUTH__SIGNING_KEYS": "k1, k2", "CODEHUB_RECONCILER__ENABLED": "false",
+           "CODEHUB_SERVER__SHUTDOWN_TIMEOUT": "2.5"}
+    cfg = config.load(p, env=env)
+    assert cfg.server.port == 9002
+    assert cfg.data_dir == "/srv/x"
+    assert cfg.auth.signing_keys == ["k1", "k2"]
+    assert cfg.reconciler.enabled is False
+    assert cfg.server.shutdown_timeout == 2.5
+
+
+@pytest.mark.parametrize(("text", "env", "message"), [
+    ('[server]\nport = "eighty"\n', {}, "server.port: expected an integer, got 'eighty'"),
+    ("[server]\nport = 70000\n", {}, "server.port: must be <= 65535, got 70000"),
+    ("[server]\nprot = 80\n", {}, "server.prot: unknown key"),
+    ("[serverz]\nport = 80\n", {}, "serverz: unknown key"),
+    ("log_level = 'LOUD'\n", {}, "log_level: must be one of DEBUG, INFO, WARNING, ERROR"),
+    ("[reconciler]\nenabled = 1\n", {}, "reconciler.enabled: expected true or false"),
+    ("[auth]\nadmin_tokens = 'x'\n", {}, "auth.admin_tokens: expected a list of strings"),
+    ("server = 3\n", {}, "server: expected a [server] table"),
+    ("[database]\npool_min = 5\npool_max = 2\n", {}, "database.pool_min: must be <="),
+    ("", {"CODEHUB_SERVER__PORT": "x"},
+     "server.port (from CODEHUB_SERVER__PORT): expected an integer, got 'x'"),
+    ("", {"CODEHUB_SERVER__PROT": "1"}, "CODEHUB_SERVER__PROT: unknown setting"),
+    ("[server\n", {}, "not valid TOML"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str],
+                                  message: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(p, env=env)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.toml", env={})
+
+
+def test_example_file_is_generated_from_the_settings() -> None:
+    committed = (ROOT / "config.example.toml").read_text()
+    assert committed == config.example_toml(), "run: codehub config example > config.example.toml"
+
+
+def test_example_file_loads_to_the_defaults() -> None:
+    assert config.load(ROOT / "config.example.toml", env={}) == config.load(None, env={})
+
+
+def test_every_setting_is_documented() -> None:
+    import dataclasses
+    for section in dataclasses.fields(config.Config):
+        obj = getattr(config.Config(), section.name)
+        cls = type(obj) if dataclasses.is_dataclass(obj) else None
+        for f in dataclasses.fields(cls) if cls else [section]:
+            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no doc"
+
+
+def test_secrets_are_masked_when_shown() -> None:
+    cfg = config.load(None, env={"CODEHUB_DATABASE__URL": "postgresql://u:pw-7f3a@h/db",
+                                 "CODEHUB_AUTH__ADMIN_TOKENS": "tok"})
+    shown = config.describe_secret_free(cfg)
+    assert "pw-7f3a" not in repr(shown)
+    assert shown["auth"]["admin_tokens"] == "***"
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('[server]\nport = "x"\n', "server.port"),
+    ("[nope]\n", "nope: unknown key"),
+])
+def test_cli_exits_2_with_one_line_naming_the_key(tmp_path: Path, text: str,
+                                                  needle: str) -> None:
+    p = write(tmp_path, text)
+    for command in (["serve"], ["migrate"], ["config", "check"]):
+        proc = subprocess.run([sys.executable, "-m", "codehub.cli", "--config", str(p),
+                               *command], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], proc.stderr

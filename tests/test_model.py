@@ -1,0 +1,110 @@
+"""The transition table, walked over every (desired, status, operation) combination."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from codehub.model import (
+    STEP_OF_OPERATION,
+    TRANSITIONS,
+    DesiredState,
+    InstanceState,
+    Observed,
+    Operation,
+    Status,
+    Step,
+    VolumeState,
+    decide,
+)
+
+ALL = list(itertools.product(DesiredState, Status, Operation))
+
+# The tier each status stands on; the path a desired state is reached by.
+TIER = {Status.RUNNING: 2, Status.WARM: 1, Status.NEW: 1, Status.COLD: 0}
+GOAL = {DesiredState.RUNNING: 2, DesiredState.WARM: 1, DesiredState.COLD: 0}
+
+
+def apply(step: Step, status: Status) -> Status:
+    return TRANSITIONS[step].success if step in TRANSITIONS else status
+
+
+@pytest.mark.parametrize(("desired", "status", "operation"), ALL)
+def test_decide_is_total_and_consistent(desired: DesiredState, status: Status,
+                                        operation: Operation) -> None:
+    step = decide(desired, status, operation)
+    assert isinstance(step, Step)
+    if status is Status.DELETED:
+        assert step is Step.NOTHING
+    elif desired is DesiredState.DELETED:
+        assert step is Step.DELETE
+    elif operation is not Operation.NONE:
+        # a recorded operation is resumed before anything else
+        assert step is STEP_OF_OPERATION[operation]
+    elif status is Status.ERROR:
+        assert step is Step.NOTHING
+    else:
+        assert step is not Step.FAIL  # only observed drift can fail a workspace
+
+
+def test_every_combination_is_covered() -> None:
+    assert len(ALL) == len(DesiredState) * len(Status) * len(Operation) == 4 * 6 * 7
+
+
+@pytest.mark.parametrize("desired", [d for d in DesiredState if d is not DesiredState.DELETED])
+@pytest.mark.parametrize("start", [Status.NEW, Status.WARM, Status.RUNNING, Status.COLD])
+def test_repeated_steps_converge_to_desired_tier(desired: DesiredState, start: Status) -> None:
+    status, seen = start, []
+    for _ in range(6):
+        step = decide(desired, status, Operation.NONE)
+        if step is Step.NOTHING:
+            break
+        seen.append(step)
+        status = apply(step, status)
+    assert decide(desired, status, Operation.NONE) is Step.NOTHING, seen
+    assert TIER[status] == GOAL[desired]
+    assert status is not Status.NEW
+
+
+def test_every_step_records_a_distinct_operation() -> None:
+    ops = [t.operation for t in TRANSITIONS.values()]
+    assert len(set(ops)) == len(ops)
+    assert Operation.NONE not in ops
+    assert set(STEP_OF_OPERATION) == set(Operation) - {Operation.NONE}
+
+
+def test_cold_never_goes_straight_to_running() -> None:
+    assert decide(DesiredState.RUNNING, Status.COLD, Operation.NONE) is Step.RESTORE
+    assert TRANSITIONS[Step.RESTORE].success is Status.WARM
+
+
+@pytest.mark.parametrize("status", [Status.WARM, Status.RUNNING])
+@pytest.mark.parametrize("desired", [DesiredState.RUNNING, DesiredState.WARM, DesiredState.COLD])
+def test_vanished_volume_fails_never_reprovisions(status: Status, desired: DesiredState) -> None:
+    step = decide(desired, status, Operation.NONE, Observed(volume=VolumeState.MISSING))
+    assert step is Step.FAIL
+
+
+@pytest.mark.parametrize("instance", [InstanceState.MISSING, InstanceState.FAILED,
+                                      InstanceState.STOPPED])
+def test_dead_container_of_running_workspace_is_restarted(instance: InstanceState) -> None:
+    observed = Observed(instance=instance, volume=VolumeState.PRESENT)
+    assert decide(DesiredState.RUNNING, Status.RUNNING, Operation.NONE, observed) is Step.START
+
+
+def test_dead_container_is_not_restarted_when_stepping_down() -> None:
+    observed = Observed(instance=InstanceState.MISSING, volume=VolumeState.PRESENT)
+    assert decide(DesiredState.WARM, Status.RUNNING, Operation.NONE, observed) is Step.STOP
+
+
+def test_stray_container_of_warm_workspace_is_removed() -> None:
+    observed = Observed(instance=InstanceState.RUNNING, volume=VolumeState.PRESENT)
+    assert decide(DesiredState.WARM, Status.WARM, Operation.NONE, observed) is Step.STOP
+
+
+@pytest.mark.parametrize("operation", list(Operation))
+def test_delete_wins_over_any_operation(operation: Operation) -> None:
+    for status in Status:
+        if status is not Status.DELETED:
+            assert decide(DesiredState.DELETED, status, operation) is Step.DELETE
