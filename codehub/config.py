@@ -150,8 +150,30 @@ class GatewayConfig:
     """The proxy in front of the workspaces."""
 
     activity_flush_interval: float = setting(
-        5.0, "Seconds between batched writes of last_access_at.", lo=0.1, hi=3600)
+        5.0, "Seconds between batched writes of last_access_at. TTLs are minutes to days, so "
+        "a few seconds of lag cost nothing, and one UPDATE per interval keeps database load "
+        "independent of the request rate.", lo=0.1, hi=3600)
+    websocket_keeps_active: bool = setting(
+        False, "Count an open but silent relayed WebSocket as activity at every flush. Off: "
+        "only messages count (code-server's own heartbeats keep an open IDE active).")
     static_dir: str = setting("", "Directory of the pages' assets. Empty: the bundled ones.")
+    route_ttl: float = setting(
+        10.0, "Seconds a cached route to a running workspace is trusted without a hint before "
+        "the database is read again (bounds the cost of a lost hint).", lo=0.1, hi=3600)
+    upstream_connect_timeout: float = setting(
+        5.0, "Seconds to connect to a workspace before answering 502.", lo=0.1, hi=300)
+    upstream_idle_timeout: float = setting(
+        4.0, "Seconds an idle keep-alive connection to a workspace is kept. Below code-server's "
+        "5 s so the gateway never reuses a connection the workspace is closing.", lo=0.1,
+        hi=3600)
+    upstream_max_idle: int = setting(
+        32, "Idle keep-alive connections kept per workspace.", lo=0, hi=10000)
+    wake_retry_after: int = setting(
+        5, "Retry-After seconds sent with 503 to non-HTML requests for a waking workspace.",
+        lo=1, hi=3600)
+    events_poll_interval: float = setting(
+        1.0, "Seconds between database reads by an open loading page's event stream, besides "
+        "hints (progress is not hinted; a hint may be lost).", lo=0.1, hi=60)
 
 
 @dataclass(frozen=True, slots=True)

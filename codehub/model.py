@@ -5,8 +5,9 @@ Guarantees:
   reconciler takes is a function of (desired_state, status, operation, observed runtime).
 - `decide()` is total: it returns a `Step` for every combination of its inputs.
 - An operation recorded on a row (the process died while it ran) is always resumed before
-  anything else happens, unless the workspace is being deleted: deleting is idempotent and
-  subsumes every other half-done action.
+  anything else happens, unless the workspace is being deleted (deleting is idempotent and
+  subsumes every other half-done action) or is in ERROR (it waits for an admin, who
+  returns it to `error_from_status`; the operation is then resumed).
 - Nothing here ever chooses to re-provision a volume that a workspace already had: a home
   that vanished is an error for a person to look at, never silently replaced.
 """
@@ -139,10 +140,10 @@ def decide(
         return Step.NOTHING
     if desired is DesiredState.DELETED:
         return Step.DELETE
+    if status is Status.ERROR:
+        return Step.NOTHING  # waits for an admin; a failed operation stays recorded
     if operation is not Operation.NONE:
         return STEP_OF_OPERATION[operation]
-    if status is Status.ERROR:
-        return Step.NOTHING
     drift = _drift(desired, status, observed)
     if drift is not None:
         return drift
@@ -190,6 +191,7 @@ class Workspace:
     warm_ttl_seconds: int | None
     cold_ttl_seconds: int | None
     error_message: str | None
+    error_from_status: Status | None
     error_count: int
     error_at: datetime | None
     next_retry_at: datetime | None

@@ -98,7 +98,8 @@ _RETURNING = " RETURNING " + ", ".join(_COLUMNS)
 # set_ttls, which bump generation.
 _MUTABLE = frozenset({
     "status", "operation", "operation_started_at", "home_store_key", "archive_key",
-    "archive_size", "archive_sha256", "archive_created_at", "error_message", "error_count",
+    "archive_size", "archive_sha256", "archive_created_at", "error_message",
+    "error_from_status", "error_count",
     "error_at", "next_retry_at", "progress_phase", "progress_done", "progress_total",
     "observed_generation",
 })
@@ -110,6 +111,8 @@ def _row(rec: Mapping[str, Any]) -> Workspace:
         "desired_state": DesiredState(rec["desired_state"]),
         "status": Status(rec["status"]),
         "operation": Operation(rec["operation"]),
+        "error_from_status": None if rec["error_from_status"] is None
+        else Status(rec["error_from_status"]),
     })
 
 

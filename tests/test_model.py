@@ -39,11 +39,11 @@ def test_decide_is_total_and_consistent(desired: DesiredState, status: Status,
         assert step is Step.NOTHING
     elif desired is DesiredState.DELETED:
         assert step is Step.DELETE
+    elif status is Status.ERROR:
+        assert step is Step.NOTHING  # waits for an admin
     elif operation is not Operation.NONE:
         # a recorded operation is resumed before anything else
         assert step is STEP_OF_OPERATION[operation]
-    elif status is Status.ERROR:
-        assert step is Step.NOTHING
     else:
         assert step is not Step.FAIL  # only observed drift can fail a workspace
 

@@ -22,6 +22,7 @@ CREATE TABLE workspaces (
     warm_ttl_seconds      integer CHECK (warm_ttl_seconds > 0),
     cold_ttl_seconds      integer CHECK (cold_ttl_seconds > 0),
     error_message         text,
+    error_from_status     text,   -- the status to return to when an admin retries
     error_count           integer NOT NULL DEFAULT 0,
     error_at              timestamptz,
     next_retry_at         timestamptz,

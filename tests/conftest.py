@@ -1,0 +1,145 @@
+"""Real services for the whole test session and a clean slice of each for every test.
+
+Fixture contract (other tests are written against these names and shapes):
+
+session scope, each started on first use and stopped at the end of the session:
+- ``pg_server``: ``.dsn`` is a superuser DSN of database ``postgres``.
+- ``redis_server``: ``.url``, ``.stop(kill=False)``, ``.start()`` (same URL after a
+  restart, no data kept), ``.restartable`` (False for CODEHUB_TEST_REDIS_URL).
+- ``s3_server``: ``.endpoint_url`` (plus ``.region``, ``.access_key_id``,
+  ``.secret_access_key``).
+- ``docker_engine``: ``.url`` such as ``unix:///var/run/docker.sock``; left running.
+- ``workspace_image``: tag of the echo workspace image (tests/images/echo/server.py).
+
+function scope, a fresh clean state per test:
+- ``database_url``: DSN of a brand-new empty database, dropped WITH (FORCE) afterwards.
+- ``redis_url``: the Redis URL right after FLUSHALL (Redis restarted first if a test
+  stopped it, and again afterwards if the test left it stopped).
+- ``s3_settings``: ``dict(endpoint_url, region="us-east-1", access_key_id, secret_access_key,
+  bucket)``; the bucket name is unique and the bucket NOT created; afterwards the bucket,
+  if it exists, is emptied and deleted.
+- ``docker_prefix``: a unique short name fragment (``t`` + 7 hex); afterwards every
+  container, network and volume whose name contains it is force-removed.
+
+Session fixtures are plain sync fixtures (processes, not coroutines), so they work with
+any pytest-asyncio loop scope. Where each service comes from is in the report header;
+what was started, on which port and how fast, in the terminal summary.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The harness is imported as the top-level package ``harness`` whether or not tests/ is a
+# package itself.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from harness import images, services  # noqa: E402
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return services.plan_summary()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = services.obtained_summary()
+    if lines:
+        terminalreporter.write_sep("-", "codehub test services")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+# --- session: the services themselves -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[services.PostgresServer]:
+    server = services.start_postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[services.RedisServer]:
+    server = services.start_redis()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[services.S3Server]:
+    server = services.start_s3()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> services.DockerEngine:
+    return services.connect_docker()
+
+
+@pytest.fixture(scope="session")
+def workspace_image(docker_engine: services.DockerEngine) -> str:
+    return images.ensure_echo_image(docker_engine.url)
+
+
+# --- function: clean state per test ---------------------------------------------------------
+
+
+@pytest.fixture
+def database_url(pg_server: services.PostgresServer) -> Iterator[str]:
+    name = f"codehub_test_{uuid.uuid4().hex[:16]}"
+    dsn = services.create_database(pg_server.dsn, name)
+    try:
+        yield dsn
+    finally:
+        services.drop_database(pg_server.dsn, name)
+
+
+@pytest.fixture
+def redis_url(redis_server: services.RedisServer) -> Iterator[str]:
+    if redis_server.restartable:
+        redis_server.start()  # no-op when it runs
+    services.redis_flushall(redis_server.url)
+    try:
+        yield redis_server.url
+    finally:
+        if redis_server.restartable:
+            redis_server.start()
+
+
+@pytest.fixture
+def s3_settings(s3_server: services.S3Server) -> Iterator[dict[str, str]]:
+    settings = {
+        "endpoint_url": s3_server.endpoint_url,
+        "region": s3_server.region,
+        "access_key_id": s3_server.access_key_id,
+        "secret_access_key": s3_server.secret_access_key,
+        "bucket": f"codehub-test-{uuid.uuid4().hex[:16]}",
+    }
+    try:
+        yield settings
+    finally:
+        services.s3_remove_bucket(settings)
+
+
+@pytest.fixture
+def docker_prefix(docker_engine: services.DockerEngine) -> Iterator[str]:
+    prefix = f"t{uuid.uuid4().hex[:7]}"
+    try:
+        yield prefix
+    finally:
+        services.docker_remove_named(docker_engine.url, prefix)

@@ -1,0 +1,4 @@
+"""Test harness: real services (services.py) and registry-free images (images.py).
+
+Guarantees: importing this package starts nothing; tests/conftest.py decides when.
+"""
