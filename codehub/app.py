@@ -7,6 +7,7 @@ nothing running (an embedded database included).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,8 +15,16 @@ import aiodocker
 from aiohttp import web
 
 from . import health, keys, postgres, store
+from .clock import SystemClock
 from .config import Config
 from .hints import InProcessHintBus, RedisHintBus
+from .interfaces import ObjectStore
+from .reconciler.controller import Controller, Schedule
+from .reconciler.leader import LeaderElector
+from .reconciler.reconciler import EventLog, Policy, Reconciler
+from .runtime.docker import DockerInstanceController
+from .storage.objects import LocalObjectStore, S3ObjectStore
+from .storage.volumes import DockerVolumeStorage
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +32,7 @@ log = logging.getLogger(__name__)
 def build_app(cfg: Config) -> web.Application:
     app = web.Application()
     app[keys.CONFIG] = cfg
-    app.cleanup_ctx.extend([database_ctx, hints_ctx, docker_ctx])
+    app.cleanup_ctx.extend([database_ctx, hints_ctx, docker_ctx, objects_ctx, reconciler_ctx])
     health.setup(app)
     return app
 
@@ -39,6 +48,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
                 applied = await store.migrate(conn)
             log.info("schema at version %d%s", store.LATEST_VERSION,
                      f" (applied {applied})" if applied else "")
+            app[keys.DATABASE_URL] = url
             app[keys.POOL] = pool
             app[keys.STORE] = store.Store(pool)
             yield
@@ -77,3 +87,78 @@ async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await docker.close()
+
+
+async def objects_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG]
+    objects: ObjectStore
+    if cfg.s3.endpoint_url:
+        log.info("archives: S3 %s bucket %s", cfg.s3.endpoint_url, cfg.s3.bucket)
+        objects = s3 = S3ObjectStore(
+            endpoint_url=cfg.s3.endpoint_url, region=cfg.s3.region,
+            access_key_id=cfg.s3.access_key_id, secret_access_key=cfg.s3.secret_access_key,
+            bucket=cfg.s3.bucket, part_size=cfg.s3.part_size_mib << 20)
+        await s3.start()
+        closer = s3.close
+    else:
+        root = cfg.data_path / "objects"
+        log.info("archives: no s3.endpoint_url configured; using the local directory %s", root)
+        objects = local = LocalObjectStore(root)
+        await local.start()
+        closer = local.close
+    app[keys.OBJECTS] = objects
+    try:
+        yield
+    finally:
+        await closer()
+
+
+async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG]
+    rc = cfg.reconciler
+    docker = app[keys.DOCKER]
+    instances = DockerInstanceController(
+        docker=docker, network=cfg.docker.network,
+        memory_limit_bytes=(cfg.docker.memory_limit_mib << 20) or None,
+        cpu_limit=cfg.docker.cpu_limit or None, command=cfg.docker.command,
+        port=cfg.docker.port, health_path=cfg.docker.health_path,
+        start_timeout=cfg.docker.start_timeout,
+        gateway_container=cfg.docker.gateway_container or None)
+    storage = DockerVolumeStorage(
+        docker=docker, objects=app[keys.OBJECTS],
+        helper_image=cfg.archive.helper_image or cfg.docker.workspace_image,
+        compression_level=cfg.archive.compression_level)
+    app[keys.INSTANCES] = instances
+    app[keys.STORAGE] = storage
+    clock = SystemClock()
+    hints = app[keys.HINTS]
+    events = EventLog(rc.event_log) if rc.event_log else None
+    reconciler = Reconciler(
+        store=app[keys.STORE], instances=instances, storage=storage, clock=clock,
+        policy=Policy(max_failures=rc.max_failures, backoff_base=rc.backoff_base,
+                      backoff_max=rc.backoff_max, stuck_timeout=rc.stuck_timeout),
+        on_change=hints.publish, events=events)
+    controller = Controller(
+        reconciler=reconciler, store=app[keys.STORE], hints=hints, instances=instances,
+        storage=storage, objects=app[keys.OBJECTS], clock=clock,
+        schedule=Schedule(workers=rc.workers, resync_interval=rc.resync_interval,
+                          ttl_sweep_interval=rc.ttl_sweep_interval,
+                          default_warm_ttl=rc.default_warm_ttl,
+                          default_cold_ttl=rc.default_cold_ttl,
+                          backoff_base=rc.backoff_base, backoff_max=rc.backoff_max))
+    elector = LeaderElector(app[keys.DATABASE_URL], controller.lead,
+                            check_interval=rc.leader_check_interval)
+    app[keys.ELECTOR] = elector
+    task = None
+    if rc.enabled:
+        task = asyncio.create_task(elector.run(), name="codehub-election")
+    else:
+        log.info("reconciler disabled in this replica (reconciler.enabled = false)")
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if events is not None:
+            events.close()

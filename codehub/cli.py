@@ -26,10 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="codehub", description="CodeHub gateway and reconciler.")
     p.add_argument("--config", "-c", default=os.environ.get("CODEHUB_CONFIG"),
                    help="TOML config file (default: $CODEHUB_CONFIG, else built-in defaults)")
+    # --config is accepted before or after the sub-command (`codehub serve --config f`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the gateway (and the reconciler when leader)")
-    sub.add_parser("migrate", help="apply database migrations and exit")
-    cfg = sub.add_parser("config", help="configuration helpers")
+    sub.add_parser("serve", parents=[common],
+                   help="run the gateway (and the reconciler when leader)")
+    sub.add_parser("migrate", parents=[common], help="apply database migrations and exit")
+    cfg = sub.add_parser("config", parents=[common], help="configuration helpers")
     cfg.add_argument("action", choices=["example", "check", "show"],
                      help="example: print the documented defaults; check: validate; "
                           "show: print the effective settings (secrets masked)")

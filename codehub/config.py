@@ -142,7 +142,10 @@ class ReconcilerConfig:
         900.0, "Seconds an operation may run without progress before it is failed and retried.",
         lo=1, hi=86400)
     leader_check_interval: float = setting(
-        2.0, "Seconds between liveness checks of the leader lock's connection.", lo=0.1, hi=60)
+        2.0, "Seconds between liveness checks of the leader lock's connection (and between "
+        "campaigns of a standby).", lo=0.1, hi=60)
+    event_log: str = setting(
+        "", "Append a JSON line per reconcile action (begin/end/failed) to this file. Empty: off.")
 
 
 @dataclass(frozen=True, slots=True)

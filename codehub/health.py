@@ -2,7 +2,8 @@
 
 - `GET /healthz`: 200 while the process serves requests; touches nothing else.
 - `GET /readyz`: 200 only when the database answers and every bundled migration is
-  applied; 503 with the reason otherwise. The body also reports the hint bus and Docker.
+  applied; 503 with the reason otherwise. The body also says whether this replica is the
+  reconciler's leader (`"leader": true|false`); every replica serves traffic either way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
-    body: dict[str, object] = {}
+    elector = app.get(keys.ELECTOR)
+    body: dict[str, object] = {"leader": bool(elector and elector.is_leader)}
     try:
         async with asyncio.timeout(2):
             version = await store.schema_version(app[keys.POOL])

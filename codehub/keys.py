@@ -7,7 +7,8 @@ import asyncpg
 from aiohttp import web
 
 from .config import Config
-from .interfaces import HintBus, ObjectStore
+from .interfaces import HintBus, InstanceController, ObjectStore, StorageProvider
+from .reconciler.leader import LeaderElector
 from .store import Store
 
 CONFIG = web.AppKey("config", Config)
@@ -16,3 +17,7 @@ STORE = web.AppKey("store", Store)
 HINTS = web.AppKey("hints", HintBus)
 DOCKER = web.AppKey("docker", aiodocker.Docker)
 OBJECTS = web.AppKey("objects", ObjectStore)
+DATABASE_URL = web.AppKey("database_url", str)
+INSTANCES = web.AppKey("instances", InstanceController)
+STORAGE = web.AppKey("storage", StorageProvider)
+ELECTOR = web.AppKey("elector", LeaderElector)

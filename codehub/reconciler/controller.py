@@ -20,8 +20,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .. import constants
 from ..clock import Clock
-from ..interfaces import HintBus, InstanceController, StorageProvider
+from ..interfaces import HintBus, InstanceController, ObjectStore, StorageProvider
 from ..store import Store
 from .reconciler import Reconciler
 from .workqueue import WorkQueue
@@ -42,13 +43,14 @@ class Schedule:
 
 class Controller:
     def __init__(self, *, reconciler: Reconciler, store: Store, hints: HintBus,
-                 instances: InstanceController, storage: StorageProvider, clock: Clock,
-                 schedule: Schedule) -> None:
+                 instances: InstanceController, storage: StorageProvider,
+                 objects: ObjectStore | None, clock: Clock, schedule: Schedule) -> None:
         self.reconciler = reconciler
         self.store = store
         self.hints = hints
         self.instances = instances
         self.storage = storage
+        self.objects = objects
         self.clock = clock
         self.schedule = schedule
         self.queue: WorkQueue[str] | None = None
@@ -92,6 +94,7 @@ class Controller:
         meanwhile always finds its row."""
         containers = await self.instances.list_managed()
         volumes = await self.storage.list_managed()
+        archives = [] if self.objects is None else await self.objects.list_keys()
         known = await self.store.all_ids()
         removed = []
         for r in containers:
@@ -104,11 +107,14 @@ class Controller:
             if r.workspace_id not in known:
                 log.warning("orphan %s %s (workspace %s has no row): removing", r.kind,
                             r.name, r.workspace_id)
-                if r.kind == "volume":
-                    await self.storage.purge(r.name, None)
-                else:
-                    await self.storage.purge(None, r.name)
+                await self.storage.purge(r.name, None)
                 removed.append(r.name)
+        for key in archives:
+            wid = key.split("/", 1)[0]
+            if wid not in known and key == constants.archive_key(wid):
+                log.warning("orphan archive %s (workspace %s has no row): removing", key, wid)
+                await self.storage.purge(None, key)
+                removed.append(key)
         return removed
 
     async def _worker(self, q: WorkQueue[str]) -> None:
