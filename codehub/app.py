@@ -118,7 +118,7 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     rc = cfg.reconciler
     docker = app[keys.DOCKER]
     instances = DockerInstanceController(
-        docker=docker, network=cfg.docker.network,
+        docker=docker, network=cfg.docker.network, name_prefix=cfg.docker.container_prefix,
         memory_limit_bytes=(cfg.docker.memory_limit_mib << 20) or None,
         cpu_limit=cfg.docker.cpu_limit or None, command=cfg.docker.command,
         port=cfg.docker.port, health_path=cfg.docker.health_path,
@@ -127,7 +127,8 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     storage = DockerVolumeStorage(
         docker=docker, objects=app[keys.OBJECTS],
         helper_image=cfg.archive.helper_image or cfg.docker.workspace_image,
-        compression_level=cfg.archive.compression_level)
+        compression_level=cfg.archive.compression_level,
+        volume_prefix=cfg.docker.volume_prefix)
     app[keys.INSTANCES] = instances
     app[keys.STORAGE] = storage
     clock = SystemClock()
@@ -160,5 +161,6 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await instances.close()
         if events is not None:
             events.close()

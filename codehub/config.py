@@ -91,6 +91,10 @@ class DockerConfig:
 
     url: str = setting("", "Docker API URL. Empty: DOCKER_HOST or /var/run/docker.sock.")
     network: str = setting("codehub-workspaces", "Bridge network the workspaces join.")
+    container_prefix: str = setting("codehub-ws-", "Workspace containers are named "
+                                    "<container_prefix><workspace id>.")
+    volume_prefix: str = setting("codehub-home-", "Home volumes are named "
+                                 "<volume_prefix><workspace id>[-r<archive sha>].")
     workspace_image: str = setting(
         "codercom/code-server:latest", "Image of a new workspace unless the API names one.")
     command: list[str] = setting(
@@ -322,7 +326,8 @@ def _unknown_env(env: Mapping[str, str]) -> None:
     for sname, scls in _sections().items():
         known.update(f"{ENV_PREFIX}{sname.upper()}__{f.name.upper()}"
                      for f in dataclasses.fields(scls))
-    ignored = {"CODEHUB_FAILPOINT", "CODEHUB_CONFIG"}
+    # Not settings: read by `codehub workspace ...` (client.py) and `--config`.
+    ignored = {"CODEHUB_FAILPOINT", "CODEHUB_CONFIG", "CODEHUB_API_URL", "CODEHUB_ADMIN_TOKEN"}
     for name in env:
         if (name.startswith(ENV_PREFIX) and name not in known and name not in ignored
                 and not name.startswith("CODEHUB_TEST_")):

@@ -250,11 +250,12 @@ class Store:
             now, default_ttl)
         return [r["id"] for r in recs]
 
-    async def unsettled_ids(self) -> list[str]:
-        """Ids of rows with work to do: mid-operation or not at their desired state."""
+    async def resync_ids(self) -> list[str]:
+        """Ids the leader looks at on every resync: rows with work to do (mid-operation or
+        not at their desired state) and RUNNING rows, whose containers may have died."""
         recs = await self.pool.fetch(
             "SELECT id FROM workspaces WHERE operation <> 'NONE'"
-            " OR status IS DISTINCT FROM desired_state ORDER BY id")
+            " OR status IS DISTINCT FROM desired_state OR status = 'RUNNING'")
         return [r["id"] for r in recs]
 
     async def all_ids(self) -> set[str]:
@@ -263,3 +264,33 @@ class Store:
     async def count_by_status(self) -> dict[str, int]:
         recs = await self.pool.fetch("SELECT status, count(*) AS n FROM workspaces GROUP BY 1")
         return {r["status"]: int(r["n"]) for r in recs}
+
+    async def update_spec(
+        self, workspace_id: str, *, expect_desired: DesiredState, expect_status: Status,
+        expect_operation: Operation, desired_state: DesiredState | None = None,
+        ttls: Mapping[str, int | None] | None = None,
+    ) -> Workspace | None:
+        """Change desired_state and/or TTLs (generation bumped) only if the row still has
+        the desired state, status and operation the caller validated the change against.
+
+        `ttls` maps `warm_ttl_seconds` / `cold_ttl_seconds` to a value (None = global
+        default); a TTL left out keeps its value. Returns None when the row moved on."""
+        ttls = dict(ttls or {})
+        bad = set(ttls) - {"warm_ttl_seconds", "cold_ttl_seconds"}
+        if bad:
+            raise ValueError(f"not a TTL column: {sorted(bad)}")
+        args: list[Any] = [workspace_id, expect_desired.value, expect_status.value,
+                           expect_operation.value]
+        sets = []
+        if desired_state is not None:
+            args.append(desired_state.value)
+            sets.append(f"desired_state = ${len(args)}")
+        for column, value in ttls.items():
+            args.append(value)
+            sets.append(f"{column} = ${len(args)}")
+        rec = await self.pool.fetchrow(
+            "UPDATE workspaces SET " + ", ".join([*sets, "generation = generation + 1",
+                                                  "updated_at = now()"])
+            + " WHERE id = $1 AND desired_state = $2 AND status = $3 AND operation = $4"
+            + _RETURNING, *args)
+        return None if rec is None else _row(rec)

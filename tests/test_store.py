@@ -190,11 +190,13 @@ async def test_list_pages_by_cursor_and_filters(db: Store) -> None:
     assert await db.list_page(status=Status.COLD) == []
 
 
-async def test_unsettled_ids_lists_rows_with_work(db: Store) -> None:
+async def test_resync_ids_lists_rows_with_work_and_running_ones(db: Store) -> None:
     await db.create(id="new", owner="o", image_ref="i")
     await db.create(id="done", owner="o", image_ref="i")
+    await db.create(id="running", owner="o", image_ref="i")
     await settle(db, "done", Status.WARM, DesiredState.WARM)
-    assert await db.unsettled_ids() == ["new"]
+    await settle(db, "running", Status.RUNNING, DesiredState.RUNNING)
+    assert sorted(await db.resync_ids()) == ["new", "running"]
 
 
 async def test_delete_row_requires_the_expected_status(db: Store) -> None:

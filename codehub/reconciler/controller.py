@@ -8,7 +8,8 @@ Guarantees:
   whose workspace has no row; never anything unlabelled), then every unsettled row (an
   operation set, or status != desired) is enqueued, which resumes interrupted actions.
 - A hint enqueues its workspace; after every (re)subscription and every `resync_interval`
-  all unsettled rows are enqueued, so lost hints (Redis down) only cost latency.
+  all unsettled rows and all RUNNING rows are enqueued, so lost hints (Redis down) only
+  cost latency and a container that died behind our back is noticed and restarted.
 - Every `ttl_sweep_interval` the TTL sweep steps idle RUNNING rows down to WARM and idle
   WARM rows down to COLD (one indexed query each) and enqueues what it changed.
 """
@@ -75,7 +76,7 @@ class Controller:
             self.queue = None
 
     async def resync(self, q: WorkQueue[str]) -> None:
-        for wid in await self.store.unsettled_ids():
+        for wid in await self.store.resync_ids():
             q.add(wid)
 
     async def sweep(self, q: WorkQueue[str]) -> list[str]:

@@ -7,7 +7,9 @@ Guarantees:
   cleared in the same write that records the new status. A process killed anywhere in
   between leaves the operation set; the next call re-runs the action, which is idempotent.
 - Archive: the volume is deleted only after the archive was verified by the storage
-  provider AND its key, size and checksum were committed to the row.
+  provider AND its key, size and checksum were committed to the row (together with the
+  checkpoint `progress_phase = ARCHIVE_COMMITTED`, so a re-run after a crash during the
+  volume deletion does not try to archive a volume that is already gone).
 - Restore: the new volume is committed to the row only after it was filled from an archive
   whose checksum verified; the archive is kept.
 - A failure is recorded on the row (message, count, next retry) and retried with capped
@@ -47,6 +49,11 @@ from ..model import (
 from ..store import Store
 
 log = logging.getLogger(__name__)
+
+
+# progress_phase doubles as the ARCHIVING operation's checkpoint: written in the same
+# statement that commits the verified archive, cleared with the operation.
+ARCHIVE_COMMITTED = "removing volume"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +172,10 @@ class Reconciler:
         return Observed(instance=instance, volume=volume)
 
     async def _settle(self, row: Workspace) -> None:
-        if row.observed_generation == row.generation and not row.error_count:
+        """Converged: record the generation seen and clear a past error. An ERROR row
+        keeps its error for the admin."""
+        if row.status is Status.ERROR or (row.observed_generation == row.generation
+                                          and not row.error_count):
             return
         await self.store.compare_and_set(
             row.id, expect_status=row.status, expect_operation=row.operation,
@@ -283,14 +293,20 @@ class Reconciler:
     async def _archive(self, row: Workspace, progress: _Report) -> None:
         if not row.home_store_key:
             raise RuntimeError("no home volume recorded; nothing to archive")
-        info = await self.storage.archive(row.id, row.home_store_key, progress)
-        committed = await self.store.compare_and_set(
-            row.id, expect_status=row.status, expect_operation=row.operation,
-            archive_key=info.key, archive_size=info.size, archive_sha256=info.sha256,
-            archive_created_at=info.created_at)
-        if committed is None:
-            raise RuntimeError(f"workspace {row.id} changed while archiving")
-        failpoint("reconcile.archive.committed")
+        committed: Workspace | None = row
+        if row.progress_phase != ARCHIVE_COMMITTED:
+            info = await self.storage.archive(row.id, row.home_store_key, progress)
+            committed = await self.store.compare_and_set(
+                row.id, expect_status=row.status, expect_operation=row.operation,
+                archive_key=info.key, archive_size=info.size, archive_sha256=info.sha256,
+                archive_created_at=info.created_at, progress_phase=ARCHIVE_COMMITTED,
+                progress_done=info.size, progress_total=info.size)
+            if committed is None:
+                raise RuntimeError(f"workspace {row.id} changed while archiving")
+            failpoint("reconcile.archive.committed")
+        # else: a previous run committed this operation's archive and died before (or
+        # while) deleting the volume; only that is left to do.
+        assert committed is not None
         # Only now, with a verified archive on record, may the volume go.
         await self.storage.purge(row.home_store_key, None)
         failpoint("reconcile.archive.volume_deleted")
