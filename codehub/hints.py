@@ -83,7 +83,11 @@ class RedisHintBus(HintBus):
 
     async def publish(self, workspace_id: str) -> None:
         try:
-            await self._client.publish(self.channel, workspace_id)
+            try:
+                await self._client.publish(self.channel, workspace_id)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                # a pooled connection that died with an outage fails once; a new one may not
+                await self._client.publish(self.channel, workspace_id)
         except (RedisError, OSError) as exc:
             if not self._publish_down:
                 log.warning("redis unreachable, hints are being dropped (resync covers them): %s",

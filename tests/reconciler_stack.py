@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -201,3 +207,75 @@ async def make_stack(*, database_url: str, hints: HintBus, s3_settings: dict[str
         await objects.close()
         await docker.close()
         await pool.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Leader:
+    """A `codehub serve` child; restarted clean whenever it dies."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kills = 0
+
+    def start(self, failpoint: str | None = None) -> None:
+        env = dict(self.env)
+        if failpoint:
+            env["CODEHUB_FAILPOINT"] = failpoint
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "codehub.cli", "serve"],
+                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def check(self) -> None:
+        """If the child died, count a SIGKILL and start a clean one."""
+        assert self.proc is not None
+        rc = self.proc.poll()
+        if rc is None:
+            return
+        assert rc == -signal.SIGKILL, f"leader exited {rc}; see {self.log}"
+        self.kills += 1
+        self.start()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def leader_env(stack: Stack, *, database_url: str, redis_url: str,
+               s3: dict[str, str], docker_url: str, data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEHUB_")}
+    p = stack.prefix
+    env.update({
+        "CODEHUB_DATA_DIR": str(data_dir), "CODEHUB_SERVER__PORT": str(free_port()),
+        "CODEHUB_DATABASE__URL": database_url, "CODEHUB_REDIS__URL": redis_url,
+        "CODEHUB_S3__ENDPOINT_URL": s3["endpoint_url"], "CODEHUB_S3__REGION": s3["region"],
+        "CODEHUB_S3__ACCESS_KEY_ID": s3["access_key_id"],
+        "CODEHUB_S3__SECRET_ACCESS_KEY": s3["secret_access_key"],
+        "CODEHUB_S3__BUCKET": s3["bucket"],
+        "CODEHUB_DOCKER__URL": docker_url, "CODEHUB_DOCKER__NETWORK": f"{p}-net",
+        "CODEHUB_DOCKER__CONTAINER_PREFIX": f"{p}-ws-",
+        "CODEHUB_DOCKER__VOLUME_PREFIX": f"{p}-home-",
+        "CODEHUB_DOCKER__WORKSPACE_IMAGE": stack.image,
+        "CODEHUB_DOCKER__MEMORY_LIMIT_MIB": "256", "CODEHUB_DOCKER__START_TIMEOUT": "60",
+        "CODEHUB_RECONCILER__RESYNC_INTERVAL": "1",
+        "CODEHUB_RECONCILER__LEADER_CHECK_INTERVAL": "0.5",
+        "CODEHUB_RECONCILER__BACKOFF_BASE": "0.2", "CODEHUB_RECONCILER__BACKOFF_MAX": "2",
+        "CODEHUB_RECONCILER__MAX_FAILURES": "50",
+    })
+    return env
