@@ -1,0 +1,161 @@
+"""Failures are recorded, retried with backoff, and end in ERROR only when they should.
+
+The adapters are the real Docker ones, wrapped by doubles that inject faults (JupyterHub's
+BadSpawner/NeverSpawner pattern); time is a FakeClock, so backoff is crossed without sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from harness.services import DockerEngine
+from reconciler_stack import Stack, make_stack
+
+from codehub.hints import InProcessHintBus
+from codehub.interfaces import PermanentError, StorageProvider
+from codehub.model import DesiredState, Operation, Status
+from codehub.reconciler.reconciler import Policy
+
+
+class FlakyProvision:
+    """Fails `provision` `failures` times, then behaves as the real storage."""
+
+    def __init__(self, real: StorageProvider, failures: int,
+                 exc: type[Exception] = RuntimeError) -> None:
+        self.real = real
+        self.failures = failures
+        self.exc = exc
+        self.calls = 0
+
+    async def provision(self, workspace_id: str) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc(f"injected failure {self.calls}")
+        return await self.real.provision(workspace_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class NeverProvision(FlakyProvision):
+    """`provision` hangs forever without reporting progress."""
+
+    async def provision(self, workspace_id: str) -> str:
+        self.calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+@pytest.fixture
+async def stack(database_url: str, s3_settings: dict[str, str],
+                docker_engine: DockerEngine, workspace_image: str,
+                docker_prefix: str) -> AsyncIterator[Stack]:
+    async with make_stack(database_url=database_url, hints=InProcessHintBus(),
+                          s3_settings=s3_settings, docker_url=docker_engine.url,
+                          image=workspace_image, prefix=docker_prefix,
+                          policy=Policy(max_failures=4, backoff_base=10, backoff_max=40,
+                                        stuck_timeout=60)) as s:
+        yield s
+
+
+async def until(cond: Any, timeout: float = 20) -> Any:
+    async with asyncio.timeout(timeout):
+        while not (value := await cond()):
+            await asyncio.sleep(0.05)
+    return value
+
+
+async def test_failure_is_recorded_and_retried_with_backoff_until_it_succeeds(
+        stack: Stack) -> None:
+    flaky = FlakyProvision(stack.storage, failures=2)
+    stack.storage = flaky  # type: ignore[assignment]
+    stack.run_controller()
+    await stack.create("flaky", desired_state=DesiredState.WARM)
+    ws = await until(lambda: _row_with(stack, "flaky", error_count=1))
+    assert ws.operation is Operation.PROVISIONING  # kept: the retry resumes it
+    assert "injected failure 1" in ws.error_message
+    assert (ws.next_retry_at - stack.clock.now()).total_seconds() == pytest.approx(10, abs=1)
+    await asyncio.sleep(0.5)
+    assert flaky.calls == 1  # nothing happens before the backoff ran out
+    await stack.clock.advance(10)
+    ws = await until(lambda: _row_with(stack, "flaky", error_count=2))
+    assert (ws.next_retry_at - stack.clock.now()).total_seconds() == pytest.approx(20, abs=1)
+    await stack.clock.advance(20)
+    ws = await stack.wait_status("flaky", Status.WARM)
+    assert ws.error_count == 0 and ws.error_message is None and ws.next_retry_at is None
+    assert flaky.calls == 3
+
+
+async def test_max_failures_put_the_workspace_in_error_until_an_admin_acts(
+        stack: Stack) -> None:
+    flaky = FlakyProvision(stack.storage, failures=100)
+    stack.storage = flaky  # type: ignore[assignment]
+    stack.run_controller()
+    await stack.create("doomed", desired_state=DesiredState.WARM)
+    ws = await until(lambda: _stepping(stack, "doomed", status=Status.ERROR))
+    assert ws.error_count == 4 and ws.error_from_status is Status.NEW
+    assert ws.operation is Operation.PROVISIONING  # what failed stays recorded
+    calls = flaky.calls
+    await stack.clock.advance(3600)
+    await asyncio.sleep(0.5)
+    assert flaky.calls == calls  # no more retries
+
+
+async def test_non_retryable_failure_goes_to_error_at_once(stack: Stack) -> None:
+    stack.storage = FlakyProvision(stack.storage, failures=100,  # type: ignore[assignment]
+                                   exc=PermanentError)
+    stack.run_controller()
+    await stack.create("bad-image", desired_state=DesiredState.WARM)
+    ws = await until(lambda: _row_with(stack, "bad-image", status=Status.ERROR))
+    assert ws.error_count == 1
+
+
+async def test_deleting_a_workspace_in_error_still_works(stack: Stack) -> None:
+    stack.storage = FlakyProvision(stack.storage, failures=100,  # type: ignore[assignment]
+                                   exc=PermanentError)
+    stack.run_controller()
+    await stack.create("err", desired_state=DesiredState.WARM)
+    await until(lambda: _row_with(stack, "err", status=Status.ERROR))
+    await stack.want("err", DesiredState.DELETED)
+    await stack.wait_gone("err")
+
+
+async def test_stuck_operation_is_cancelled_and_retried_never_left_hanging(
+        stack: Stack) -> None:
+    never = NeverProvision(stack.storage, failures=0)
+    stack.storage = never  # type: ignore[assignment]
+    stack.run_controller()
+    await stack.create("stuck", desired_state=DesiredState.WARM)
+    await until(lambda: _op_started(stack, "stuck"))
+    await stack.clock.advance(61)  # no progress for longer than stuck_timeout
+    ws = await until(lambda: _row_with(stack, "stuck", error_count=1))
+    assert "no progress for 60s" in ws.error_message
+    await stack.clock.advance(10)
+    await until(lambda: _calls(never, 2))  # retried
+
+
+async def _row_with(stack: Stack, wid: str, **want: Any) -> Any:
+    ws = await stack.store.get(wid)
+    if ws is not None and all(getattr(ws, k) == v for k, v in want.items()):
+        return ws
+    return None
+
+
+async def _stepping(stack: Stack, wid: str, **want: Any) -> Any:
+    """Like _row_with, moving the clock past the longest backoff on every miss."""
+    ws = await _row_with(stack, wid, **want)
+    if ws is None:
+        await stack.clock.advance(40)
+    return ws
+
+
+async def _op_started(stack: Stack, wid: str) -> bool:
+    ws = await stack.store.get(wid)
+    return ws is not None and ws.operation is Operation.PROVISIONING
+
+
+async def _calls(double: FlakyProvision, n: int) -> bool:
+    return double.calls >= n
