@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiodocker
 from aiohttp import web
 
-from . import health, keys, postgres, store
+from . import api, gateway, health, keys, metrics, postgres, store
 from .clock import SystemClock
 from .config import Config
 from .hints import InProcessHintBus, RedisHintBus
@@ -34,6 +34,9 @@ def build_app(cfg: Config) -> web.Application:
     app[keys.CONFIG] = cfg
     app.cleanup_ctx.extend([database_ctx, hints_ctx, docker_ctx, objects_ctx, reconciler_ctx])
     health.setup(app)
+    metrics.setup(app)
+    api.setup(app)
+    gateway.setup(app, instances=keys.INSTANCES, access_links=False)  # the API mints links
     return app
 
 

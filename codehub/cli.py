@@ -13,8 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import client, postgres, store
 from . import config as config_mod
-from . import postgres, store
 
 EXIT_CONFIG = 2
 EXIT_DATABASE = 3
@@ -37,7 +37,45 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("action", choices=["example", "check", "show"],
                      help="example: print the documented defaults; check: validate; "
                           "show: print the effective settings (secrets masked)")
+    _workspace_parser(sub)
     return p
+
+
+def _workspace_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`codehub workspace ...`: see client.py for where the URL and the token come from."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"API base URL (default: ${client.ENV_URL}, else "
+                                      "server.host/port from the config)")
+    common.add_argument("--json", action="store_true", help="print the API's JSON")
+    ws = sub.add_parser("workspace", aliases=["ws"], help="manage workspaces through the API "
+                        f"of a running CodeHub (token: ${client.ENV_TOKEN})")
+    act = ws.add_subparsers(dest="action", required=True)
+    add = act.add_parser("create", parents=[common], help="create a workspace")
+    add.add_argument("id", nargs="?", help="workspace id (default: generated)")
+    add.add_argument("--owner", required=True)
+    add.add_argument("--image", help="image reference (default: docker.workspace_image)")
+    add.add_argument("--desired", choices=["RUNNING", "WARM"])
+    add.add_argument("--warm-ttl", type=client.duration, help="idle time before WARM (15m)")
+    add.add_argument("--cold-ttl", type=client.duration, help="idle time before COLD (7d)")
+    lst = act.add_parser("list", parents=[common], help="list workspaces")
+    lst.add_argument("--status")
+    lst.add_argument("--owner")
+    lst.add_argument("--limit", type=int, help="print at most this many")
+    for name, text in (("show", "show one workspace"), ("delete", "delete a workspace"),
+                       ("retry", "return a workspace in ERROR to where it failed")):
+        act.add_parser(name, parents=[common], help=text).add_argument("id")
+    upd = act.add_parser("set", parents=[common], help="change desired state and/or TTLs")
+    upd.add_argument("id")
+    upd.add_argument("--desired", choices=["RUNNING", "WARM", "COLD"])
+    for opt in ("--warm-ttl", "--cold-ttl"):
+        upd.add_argument(opt, type=client.ttl, default=argparse.SUPPRESS,
+                         help="a duration (90, 15m, 2h, 7d) or 'default'")
+    res = act.add_parser("restore", parents=[common], help="restore a COLD workspace")
+    res.add_argument("id")
+    res.add_argument("--start", action="store_true", help="continue to RUNNING")
+    lnk = act.add_parser("link", parents=[common], help="print a browser access link")
+    lnk.add_argument("id")
+    lnk.add_argument("--ttl", type=client.duration, help="validity (default: auth.link_ttl)")
 
 
 def _setup_logging(level: str) -> None:
@@ -64,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("config ok")
         return 0
+    if args.command in ("workspace", "ws"):
+        return client.run(args, cfg)
     try:
         if args.command == "migrate":
             return asyncio.run(_migrate(cfg))
@@ -71,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except postgres.DatabaseUnavailable as exc:
         print(f"codehub: {exc}", file=sys.stderr)
         return EXIT_DATABASE
+    except config_mod.ConfigError as exc:  # e.g. the admin API refusing an open listener
+        print(f"codehub: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 async def _migrate(cfg: config_mod.Config) -> int:

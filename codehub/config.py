@@ -118,7 +118,8 @@ class ArchiveConfig:
     compression_level: int = setting(1, "gzip level for archives (1 = fastest).", lo=0, hi=9)
     helper_image: str = setting(
         "", "Image for created-never-started helper containers that mount a volume for "
-        "archive/restore. Empty: the workspace's own image.")
+        "archive/restore (nothing runs in it; it must be present on the engine). Empty: "
+        "docker.workspace_image.")
 
 
 @dataclass(frozen=True, slots=True)

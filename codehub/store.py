@@ -7,7 +7,8 @@ Guarantees:
 - Every write that moves a workspace through its state machine is a compare-and-set: it
   names the status and operation it expects and changes nothing (returns None) when the
   row has moved on. Two writers can never both believe they won.
-- Any write of desired_state or a TTL bumps `generation`; the reconciler records the
+- Any write of desired_state or a TTL bumps `generation` and clears `next_retry_at` (a
+  new intent is tried at once; the error count stays); the reconciler records the
   generation it converged in `observed_generation`.
 - `flush_activity` writes any number of `last_access_at` marks in one statement and never
   moves a mark backwards.
@@ -171,7 +172,8 @@ class Store:
         allowed = None if expect_status is None else [s.value for s in expect_status]
         rec = await self.pool.fetchrow(
             "UPDATE workspaces SET desired_state = $2, generation = generation + 1,"
-            " updated_at = now() WHERE id = $1 AND ($3::text[] IS NULL OR status = ANY($3))"
+            " next_retry_at = NULL, updated_at = now()"
+            " WHERE id = $1 AND ($3::text[] IS NULL OR status = ANY($3))"
             + _RETURNING,
             workspace_id, desired.value, allowed)
         return None if rec is None else _row(rec)
@@ -268,13 +270,15 @@ class Store:
     async def update_spec(
         self, workspace_id: str, *, expect_desired: DesiredState, expect_status: Status,
         expect_operation: Operation, desired_state: DesiredState | None = None,
-        ttls: Mapping[str, int | None] | None = None,
+        ttls: Mapping[str, int | None] | None = None, touch: bool = False,
     ) -> Workspace | None:
         """Change desired_state and/or TTLs (generation bumped) only if the row still has
         the desired state, status and operation the caller validated the change against.
 
         `ttls` maps `warm_ttl_seconds` / `cold_ttl_seconds` to a value (None = global
-        default); a TTL left out keeps its value. Returns None when the row moved on."""
+        default); a TTL left out keeps its value. `touch` also marks the workspace active
+        now (its idle time restarts; never moved backwards). Returns None when the row
+        moved on."""
         ttls = dict(ttls or {})
         bad = set(ttls) - {"warm_ttl_seconds", "cold_ttl_seconds"}
         if bad:
@@ -288,8 +292,11 @@ class Store:
         for column, value in ttls.items():
             args.append(value)
             sets.append(f"{column} = ${len(args)}")
+        if touch:
+            sets.append("last_access_at = greatest(last_access_at, now())")
         rec = await self.pool.fetchrow(
             "UPDATE workspaces SET " + ", ".join([*sets, "generation = generation + 1",
+                                                  "next_retry_at = NULL",
                                                   "updated_at = now()"])
             + " WHERE id = $1 AND desired_state = $2 AND status = $3 AND operation = $4"
             + _RETURNING, *args)

@@ -1,0 +1,671 @@
+"""The admin API under /api/v1 (see DESIGN.md "Admin API"), and its OpenAPI document.
+
+Guarantees:
+- Declarative: a handler validates, writes desired_state and/or TTLs, publishes a hint and
+  returns at once (202 where work follows). It never calls Docker or object storage.
+- Every state change is a compare-and-set against the exact row (desired_state, status,
+  operation) its checks were made on; `generation` is bumped by the store. A row that moved
+  in between is re-read and re-checked, so a check never passes on stale data.
+- `ROUTES` is the only declaration of paths, parameters and bodies: the same `Field`s
+  validate requests and produce `GET /api/v1/openapi.json` (see `openapi.py`).
+- Every error is `{"error": {"code", "message"}}`. Bad input of any kind is a 4xx, never a
+  5xx; unknown paths and methods under /api/v1 get the same JSON error shape (404/405).
+- Authentication: `Authorization: Bearer <token>`; the token's SHA-256 is compared with
+  `hmac.compare_digest` against the digest of EVERY configured token, with no early exit,
+  so the time taken depends neither on which token matched nor on how much of one did.
+- No token configured: `setup()` refuses (ConfigError) unless `server.host` is a loopback
+  address; on loopback the API then answers only direct loopback clients (no
+  Forwarded/X-Forwarded-For header, so a local reverse proxy does not open it to the
+  world) and refuses everyone else with 403. The start-up log says which mode is in force.
+- Listing pages by id with an opaque keyset cursor (base64url of the last id): rows created
+  or deleted while a client pages never make it see a row twice or miss one that existed
+  throughout.
+
+Workspace ids match `ID_PATTERN`: 1-63 characters, lower-case letters, digits and inner
+hyphens (a DNS label). They become parts of Docker container, volume and object-storage
+names, so nothing else (no dots, slashes, NUL, upper case or unicode) is accepted.
+
+Retrying a workspace in ERROR: `POST /api/v1/workspaces/{id}/retry` returns it to the
+status it failed from (`error_from_status`), clears its error and failure count, and lets
+the reconciler resume the operation that failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import typedefs as web_types
+from aiohttp import web
+
+from . import keys
+from .config import Config, ConfigError
+from .gateway import auth as gateway_auth
+from .metrics import API_REQUESTS
+from .model import DesiredState, Operation, Status, Workspace
+from .openapi import (
+    ApiError,
+    Args,
+    Body,
+    Field,
+    Reply,
+    Route,
+    document,
+    invalid,
+    read_body,
+    validate_body,
+    validate_path,
+    validate_query,
+)
+from .store import AlreadyExists, Store
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/api/v1"
+VERSION = "1"
+
+ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+OWNER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"
+# A Docker image reference: [registry/]path[:tag][@sha256:digest]. As in Docker, the first
+# component is a registry only when it has a dot or a port or is localhost; path
+# components are lower case.
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_REGISTRY = rf"(?:{_LABEL}(?:\.{_LABEL})+(?::[0-9]{{1,5}})?|{_LABEL}:[0-9]{{1,5}}|localhost)"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = (rf"^(?:{_REGISTRY}/)?{_COMPONENT}(?:/{_COMPONENT})*"
+                 r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
+TTL_MIN = 30  # seconds; well above the gateway's activity flush interval
+TTL_MAX = 10 * 365 * 86400
+LINK_TTL_MIN = 10
+LINK_TTL_MAX = 30 * 86400
+PAGE_DEFAULT = 100
+PAGE_MAX = 500
+_CAS_TRIES = 5
+
+# --- schemas -----------------------------------------------------------------------------
+
+_ID = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": ID_PATTERN}
+_TTL = {"type": ["integer", "null"], "minimum": TTL_MIN, "maximum": TTL_MAX}
+_TIME = {"type": "string", "format": "date-time"}
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _object(props: dict[str, Any], *, nullable: bool = False) -> dict[str, Any]:
+    return {"type": ["object", "null"] if nullable else "object", "properties": props,
+            "required": list(props), "additionalProperties": False}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Workspace": _object({
+        "id": {"type": "string", "pattern": ID_PATTERN},
+        "owner": {"type": "string"},
+        "image": {"type": "string"},
+        "desired_state": {"type": "string", "enum": [d.value for d in DesiredState]},
+        "status": {"type": "string", "enum": [s.value for s in Status]},
+        "operation": {"type": "string", "enum": [o.value for o in Operation]},
+        "last_access_at": _TIME,
+        "warm_ttl_seconds": {"type": "integer", "minimum": 1,
+                             "description": "Effective idle seconds before RUNNING -> WARM."},
+        "cold_ttl_seconds": {"type": "integer", "minimum": 1,
+                             "description": "Effective idle seconds before WARM -> COLD."},
+        "archive": _object({"key": {"type": "string"},
+                            "size": {"type": ["integer", "null"], "minimum": 0},
+                            "sha256": {"type": ["string", "null"]},
+                            "created_at": _TIME_OR_NULL}, nullable=True),
+        "error": _object({"message": {"type": "string"},
+                          "count": {"type": "integer", "minimum": 0},
+                          "at": _TIME_OR_NULL}, nullable=True),
+        "progress": _object({"phase": {"type": "string"},
+                             "done": {"type": "integer", "minimum": 0},
+                             "total": {"type": ["integer", "null"], "minimum": 0}},
+                            nullable=True),
+        "created_at": _TIME,
+        "updated_at": _TIME,
+    }),
+    "WorkspacePage": _object({
+        "items": {"type": "array", "items": {"$ref": "#/components/schemas/Workspace"}},
+        "next_cursor": {"type": ["string", "null"],
+                        "description": "Pass as `cursor` for the next page; null: last page."},
+    }),
+    "AccessLink": _object({"url": {"type": "string"}, "expires_at": _TIME}),
+    "Error": _object({"error": _object({"code": {"type": "string"},
+                                        "message": {"type": "string"}})}),
+}
+
+# --- the application context -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Context:
+    config: Config
+    token_digests: tuple[bytes, ...]
+    doc: bytes
+    signing_keys: gateway_auth.SigningKeys | None = None  # loaded on first use
+
+
+_CTX = web.AppKey("api_context", _Context)
+
+
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None
+          ) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def _error(exc: ApiError) -> web.Response:
+    return _json({"error": {"code": exc.code, "message": exc.message}}, exc.status,
+                 exc.headers or None)
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def workspace_json(ws: Workspace, cfg: Config) -> dict[str, Any]:
+    """A workspace as the API shows it (DESIGN.md): TTLs are the effective values."""
+    archive = None if ws.archive_key is None else {
+        "key": ws.archive_key, "size": ws.archive_size, "sha256": ws.archive_sha256,
+        "created_at": _iso(ws.archive_created_at)}
+    error = None if ws.error_message is None else {
+        "message": ws.error_message, "count": ws.error_count, "at": _iso(ws.error_at)}
+    progress = None if ws.progress_phase is None else {
+        "phase": ws.progress_phase, "done": ws.progress_done or 0, "total": ws.progress_total}
+    return {
+        "id": ws.id, "owner": ws.owner, "image": ws.image_ref,
+        "desired_state": ws.desired_state.value, "status": ws.status.value,
+        "operation": ws.operation.value, "last_access_at": _iso(ws.last_access_at),
+        "warm_ttl_seconds": (cfg.reconciler.default_warm_ttl if ws.warm_ttl_seconds is None
+                             else ws.warm_ttl_seconds),
+        "cold_ttl_seconds": (cfg.reconciler.default_cold_ttl if ws.cold_ttl_seconds is None
+                             else ws.cold_ttl_seconds),
+        "archive": archive, "error": error, "progress": progress,
+        "created_at": _iso(ws.created_at), "updated_at": _iso(ws.updated_at),
+    }
+
+
+# --- authentication ----------------------------------------------------------------------
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def token_matches(presented: str, digests: Sequence[bytes]) -> bool:
+    """True when `presented` is one of the tokens. Every digest is compared, even after a
+    match; digests are of equal length, so compare_digest's time says nothing either."""
+    mine = token_digest(presented)
+    found = False
+    for expected in digests:
+        found |= hmac.compare_digest(mine, expected)
+    return found
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _authenticate(request: web.Request, ctx: _Context) -> None:
+    if not ctx.token_digests:
+        proxied = "Forwarded" in request.headers or "X-Forwarded-For" in request.headers
+        if request.remote is not None and is_loopback(request.remote) and not proxied:
+            return
+        raise ApiError(403, "api_disabled",
+                       "no admin token is configured (auth.admin_tokens): the admin API "
+                       "only answers direct loopback clients")
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        raise ApiError(401, "unauthorized",
+                       "missing credentials: send Authorization: Bearer <admin token>",
+                       {"WWW-Authenticate": 'Bearer realm="codehub"'})
+    if not token_matches(presented, ctx.token_digests):
+        raise ApiError(401, "unauthorized", "invalid admin token",
+                       {"WWW-Authenticate": 'Bearer realm="codehub", error="invalid_token"'})
+
+
+# --- helpers for handlers ----------------------------------------------------------------
+
+
+def _ctx(request: web.Request) -> _Context:
+    return request.config_dict[_CTX]
+
+
+def _store(request: web.Request) -> Store:
+    return request.config_dict[keys.STORE]
+
+
+async def _changed(request: web.Request, workspace_id: str) -> None:
+    await request.config_dict[keys.HINTS].publish(workspace_id)
+
+
+async def _load(request: web.Request, workspace_id: str) -> Workspace:
+    ws = await _store(request).get(workspace_id)
+    if ws is None:
+        raise ApiError(404, "not_found", f"no workspace {workspace_id}")
+    return ws
+
+
+def _refuse_if_deleting(ws: Workspace) -> None:
+    if ws.desired_state is DesiredState.DELETED or ws.status is Status.DELETED:
+        raise ApiError(409, "deleting", f"workspace {ws.id} is being deleted")
+
+
+_UP = (DesiredState.RUNNING, DesiredState.WARM)
+_TIER = {DesiredState.DELETED: 0, DesiredState.COLD: 1, DesiredState.WARM: 2,
+         DesiredState.RUNNING: 3}
+
+
+def _restore_needed(ws: Workspace) -> bool:
+    """COLD, or on its way there, and nobody asked for a restore yet."""
+    settled = ws.error_from_status if ws.status is Status.ERROR else ws.status
+    return ws.desired_state is DesiredState.COLD and (
+        settled is Status.COLD or ws.operation is Operation.ARCHIVING)
+
+
+def check_patch(ws: Workspace, desired: DesiredState | None) -> None:
+    """Refuse a PATCH the state machine does not allow (pure; raises ApiError 409)."""
+    _refuse_if_deleting(ws)
+    if desired in _UP and _restore_needed(ws):
+        how = f"POST {PREFIX}/workspaces/{ws.id}/restore"
+        if ws.operation is Operation.ARCHIVING:
+            raise ApiError(409, "restore_required",
+                           f"workspace {ws.id} is being archived; once it is COLD it comes "
+                           f"back only through a restore: {how}")
+        raise ApiError(409, "restore_required",
+                       f"workspace {ws.id} is archived (COLD); it comes back only through a "
+                       f"restore: {how}")
+
+
+def check_restore(ws: Workspace) -> None:
+    _refuse_if_deleting(ws)
+    if ws.status is Status.ERROR:
+        raise ApiError(409, "in_error",
+                       f"workspace {ws.id} is in ERROR ({ws.error_message}); retry it first: "
+                       f"POST {PREFIX}/workspaces/{ws.id}/retry")
+    if ws.status is not Status.COLD:
+        raise ApiError(409, "not_cold",
+                       f"workspace {ws.id} is {ws.status.value}; only a COLD workspace can be "
+                       "restored")
+
+
+async def _update(request: web.Request, workspace_id: str,
+                  check: Callable[[Workspace], None],
+                  desired: DesiredState | None, ttls: dict[str, int | None]
+                  ) -> tuple[Workspace, Workspace]:
+    """Check the row and write the change as a compare-and-set against what was checked;
+    (before, after). A row that moved in between is re-read and re-checked."""
+    store = _store(request)
+    for _ in range(_CAS_TRIES):
+        ws = await _load(request, workspace_id)
+        check(ws)
+        same_ttls = all(getattr(ws, k) == v for k, v in ttls.items())
+        if (desired is None or desired is ws.desired_state) and same_ttls:
+            return ws, ws  # nothing to change: no write, no generation bump
+        # Asking for a higher tier restarts the idle time: without this a restore of a
+        # long-idle workspace would be swept straight back to COLD.
+        wake = desired is not None and _TIER[desired] > _TIER[ws.desired_state]
+        new = await store.update_spec(
+            workspace_id, expect_desired=ws.desired_state, expect_status=ws.status,
+            expect_operation=ws.operation, desired_state=desired, ttls=ttls, touch=wake)
+        if new is not None:
+            await _changed(request, workspace_id)
+            return ws, new
+    raise ApiError(409, "conflict", f"workspace {workspace_id} kept changing; try again")
+
+
+def _encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).rstrip(b"=").decode()
+
+
+_CURSOR_ID = Field("cursor", _ID, "")
+
+
+def _decode_cursor(cursor: str | None) -> str | None:
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        return str(_CURSOR_ID.check(raw))
+    except (binascii.Error, UnicodeDecodeError, ValueError, ApiError):
+        raise invalid("cursor: not a cursor returned by this API", "invalid_cursor") from None
+
+
+def _new_id() -> str:
+    return "ws-" + secrets.token_hex(5)
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+async def create_workspace(request: web.Request, args: Args) -> web.Response:
+    body, cfg = args.body, _ctx(request).config
+    given = body.get("id")
+    for _ in range(1 if given else 3):
+        try:
+            ws = await _store(request).create(
+                id=given or _new_id(), owner=body["owner"],
+                image_ref=body.get("image") or cfg.docker.workspace_image,
+                desired_state=DesiredState(body.get("desired_state", "RUNNING")),
+                warm_ttl_seconds=body.get("warm_ttl_seconds"),
+                cold_ttl_seconds=body.get("cold_ttl_seconds"))
+            break
+        except AlreadyExists:
+            continue
+    else:
+        raise ApiError(409, "already_exists",
+                       f"workspace {given} already exists (a deleted one keeps its id until "
+                       "it is purged)" if given else "no free generated id; try again")
+    log.info("api: created workspace %s (owner %s, desired %s)", ws.id, ws.owner,
+             ws.desired_state.value)
+    await _changed(request, ws.id)
+    return _json(workspace_json(ws, cfg), 201,
+                 {"Location": f"{PREFIX}/workspaces/{ws.id}"})
+
+
+async def list_workspaces(request: web.Request, args: Args) -> web.Response:
+    q = args.query
+    limit: int = q["limit"]
+    rows = await _store(request).list_page(
+        status=Status(q["status"]) if "status" in q else None, owner=q.get("owner"),
+        after_id=_decode_cursor(q.get("cursor")), limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cfg = _ctx(request).config
+    return _json({"items": [workspace_json(ws, cfg) for ws in rows],
+                  "next_cursor": _encode_cursor(rows[-1].id) if more else None})
+
+
+async def get_workspace(request: web.Request, args: Args) -> web.Response:
+    ws = await _load(request, args.path["id"])
+    return _json(workspace_json(ws, _ctx(request).config))
+
+
+async def patch_workspace(request: web.Request, args: Args) -> web.Response:
+    body = args.body
+    desired = DesiredState(body["desired_state"]) if "desired_state" in body else None
+    ttls: dict[str, int | None] = {
+        k: body[k] for k in ("warm_ttl_seconds", "cold_ttl_seconds") if k in body}
+    before, after = await _update(request, args.path["id"],
+                                  lambda ws: check_patch(ws, desired), desired, ttls)
+    moved = after.desired_state is not before.desired_state
+    if after is not before:
+        log.info("api: workspace %s updated: %s", after.id, body)
+    return _json(workspace_json(after, _ctx(request).config), 202 if moved else 200)
+
+
+async def delete_workspace(request: web.Request, args: Args) -> web.Response:
+    ws = await _load(request, args.path["id"])
+    if ws.desired_state is not DesiredState.DELETED:
+        new = await _store(request).set_desired(ws.id, DesiredState.DELETED)
+        if new is None:
+            raise ApiError(404, "not_found", f"no workspace {ws.id}")
+        ws = new
+        log.info("api: workspace %s asked to be deleted", ws.id)
+        await _changed(request, ws.id)
+    return _json(workspace_json(ws, _ctx(request).config), 202)
+
+
+async def restore_workspace(request: web.Request, args: Args) -> web.Response:
+    target = DesiredState.RUNNING if args.body.get("start") else DesiredState.WARM
+    _, after = await _update(request, args.path["id"], check_restore, target, {})
+    log.info("api: workspace %s asked to restore to %s", after.id, target.value)
+    return _json(workspace_json(after, _ctx(request).config), 202)
+
+
+async def retry_workspace(request: web.Request, args: Args) -> web.Response:
+    store = _store(request)
+    for _ in range(_CAS_TRIES):
+        ws = await _load(request, args.path["id"])
+        _refuse_if_deleting(ws)
+        if ws.status is not Status.ERROR:
+            raise ApiError(409, "not_in_error",
+                           f"workspace {ws.id} is {ws.status.value}, not ERROR: nothing to retry")
+        if ws.error_from_status is None:
+            raise ApiError(409, "cannot_retry",
+                           f"workspace {ws.id} does not record the status it failed from")
+        new = await store.compare_and_set(
+            ws.id, expect_status=Status.ERROR, expect_operation=ws.operation,
+            status=ws.error_from_status, error_from_status=None, error_count=0,
+            error_message=None, error_at=None, next_retry_at=None)
+        if new is not None:
+            log.info("api: workspace %s retried: back to %s (last error: %s)", ws.id,
+                     new.status.value, ws.error_message)
+            await _changed(request, ws.id)
+            return _json(workspace_json(new, _ctx(request).config), 202)
+    raise ApiError(409, "conflict", f"workspace {args.path['id']} kept changing; try again")
+
+
+async def create_access_link(request: web.Request, args: Args) -> web.Response:
+    ctx = _ctx(request)
+    ws = await _load(request, args.path["id"])
+    _refuse_if_deleting(ws)
+    if ctx.signing_keys is None:
+        ctx.signing_keys = gateway_auth.load_keys(ctx.config)
+    ttl = args.body.get("ttl_seconds") or ctx.config.auth.link_ttl
+    token = gateway_auth.mint_access_link(ctx.signing_keys, ws.id, ttl, time.time())
+    base = ctx.config.server.public_url.rstrip("/") or str(request.url.origin())
+    expires = datetime.fromtimestamp(gateway_auth.link_expiry(token), UTC)
+    log.info("api: access link minted for workspace %s (valid %ds)", ws.id, ttl)
+    return _json({"url": base + gateway_auth.link_path(ws.id, token),
+                  "expires_at": _iso(expires)}, 201)
+
+
+async def openapi_json(request: web.Request, args: Args) -> web.Response:
+    return web.Response(body=_ctx(request).doc, content_type="application/json")
+
+
+# --- the table ---------------------------------------------------------------------------
+
+_ID_PARAM = Field("id", _ID, "Workspace id (lower-case DNS label, 1-63 characters).",
+                  required=True)
+_DESIRED_DOC = "The tier the reconciler should move the workspace to."
+_WARM_TTL = Field("warm_ttl_seconds", _TTL,
+                  "Idle seconds before RUNNING steps down to WARM; null: the global default.")
+_COLD_TTL = Field("cold_ttl_seconds", _TTL,
+                  "Idle seconds before WARM steps down to COLD; null: the global default.")
+
+
+def _route(method: str, path: str, name: str, summary: str, handler: Any,
+           ok: Sequence[Reply], *, conflict: str | None = None, **kw: Any) -> Route:
+    """A Route with the error replies its shape implies (400/401/403/404/409/413)."""
+    replies = list(ok)
+    has_input = bool(kw.get("path_params") or kw.get("query") or kw.get("body"))
+    if has_input:
+        replies.append(Reply(400, "Invalid parameter or body.", "Error"))
+    if kw.get("auth", True):
+        replies.append(Reply(401, "Missing or invalid admin token.", "Error"))
+        replies.append(Reply(403, "Admin API disabled: no token configured and the client "
+                             "is not a direct loopback client.", "Error"))
+    if kw.get("path_params"):
+        replies.append(Reply(404, "No such workspace.", "Error"))
+    if conflict:
+        replies.append(Reply(409, conflict, "Error"))
+    if kw.get("body"):
+        replies.append(Reply(413, "Request body too large.", "Error"))
+    if kw.get("auth", True):  # every authenticated route reads the database
+        replies.append(Reply(503, "The database is unavailable; retry (Retry-After).",
+                             "Error"))
+    return Route(method, path, name, summary, handler, tuple(replies), **kw)
+
+
+ROUTES: tuple[Route, ...] = (
+    _route("POST", "/workspaces", "createWorkspace", "Create a workspace", create_workspace,
+           [Reply(201, "Created; the reconciler provisions it.", "Workspace")],
+           conflict="A workspace with this id exists.",
+           body=Body((
+               Field("id", _ID, "Workspace id; generated (ws-<hex>) when left out."),
+               Field("owner", {"type": "string", "minLength": 1, "maxLength": 128,
+                               "pattern": OWNER_PATTERN}, "Owner (a user name).",
+                     required=True),
+               Field("image", {"type": "string", "minLength": 1, "maxLength": 255,
+                               "pattern": IMAGE_PATTERN},
+                     "Image reference; default docker.workspace_image."),
+               Field("desired_state", {"type": "string", "enum": ["RUNNING", "WARM"],
+                                       "default": "RUNNING"}, _DESIRED_DOC),
+               _WARM_TTL, _COLD_TTL), "The new workspace.")),
+    _route("GET", "/workspaces", "listWorkspaces", "List workspaces (by id, paged)",
+           list_workspaces,
+           [Reply(200, "A page of workspaces ordered by id.", "WorkspacePage")],
+           query=(
+               Field("status", {"type": "string", "enum": [s.value for s in Status]},
+                     "Only workspaces with this status."),
+               Field("owner", {"type": "string", "minLength": 1, "maxLength": 128,
+                               "pattern": OWNER_PATTERN}, "Only workspaces of this owner."),
+               Field("limit", {"type": "integer", "minimum": 1, "maximum": PAGE_MAX,
+                               "default": PAGE_DEFAULT}, "Page size."),
+               Field("cursor", {"type": "string", "minLength": 1, "maxLength": 128,
+                                "pattern": r"^[A-Za-z0-9_-]+$"},
+                     "next_cursor of the previous page."))),
+    _route("GET", "/workspaces/{id}", "getWorkspace", "One workspace", get_workspace,
+           [Reply(200, "The workspace.", "Workspace")], path_params=(_ID_PARAM,)),
+    _route("PATCH", "/workspaces/{id}", "updateWorkspace",
+           "Change desired state and/or TTLs", patch_workspace,
+           [Reply(200, "Updated; desired_state unchanged.", "Workspace"),
+            Reply(202, "desired_state changed; the reconciler works towards it.",
+                  "Workspace")],
+           conflict="Not allowed in the workspace's state (being deleted; COLD needs a "
+                    "restore).",
+           path_params=(_ID_PARAM,),
+           body=Body((
+               Field("desired_state", {"type": "string", "enum": ["RUNNING", "WARM", "COLD"]},
+                     _DESIRED_DOC + " RUNNING/WARM of a COLD workspace: use restore."),
+               _WARM_TTL, _COLD_TTL), "What to change (at least one field).", min_fields=1)),
+    _route("DELETE", "/workspaces/{id}", "deleteWorkspace", "Delete a workspace",
+           delete_workspace,
+           [Reply(202, "desired_state is DELETED; the reconciler purges it, then the row "
+                  "goes (idempotent).", "Workspace")], path_params=(_ID_PARAM,)),
+    _route("POST", "/workspaces/{id}/restore", "restoreWorkspace",
+           "Restore a COLD workspace to WARM (or RUNNING)", restore_workspace,
+           [Reply(202, "Restore requested.", "Workspace")],
+           conflict="Not COLD, in ERROR, or being deleted.", path_params=(_ID_PARAM,),
+           body=Body((Field("start", {"type": "boolean", "default": False},
+                            "Continue to RUNNING once restored."),),
+                     "Optional options.", optional=True)),
+    _route("POST", "/workspaces/{id}/retry", "retryWorkspace",
+           "Return a workspace in ERROR to the status it failed from", retry_workspace,
+           [Reply(202, "Back to its previous status; the failed operation resumes.",
+                  "Workspace")],
+           conflict="Not in ERROR, or being deleted.", path_params=(_ID_PARAM,)),
+    _route("POST", "/workspaces/{id}/access-links", "createAccessLink",
+           "Mint a signed, expiring link that opens the workspace in a browser",
+           create_access_link, [Reply(201, "The link.", "AccessLink")],
+           conflict="Being deleted.", path_params=(_ID_PARAM,),
+           body=Body((Field("ttl_seconds", {"type": "integer", "minimum": LINK_TTL_MIN,
+                                            "maximum": LINK_TTL_MAX},
+                            "Seconds the link stays valid; default auth.link_ttl."),),
+                     "Optional options.", optional=True)),
+    _route("GET", "/openapi.json", "getOpenApi", "This document (no token needed)",
+           openapi_json, [Reply(200, "The OpenAPI 3.1 document.")], auth=False),
+)
+
+DESCRIPTION = (
+    "CodeHub's admin API. Declarative: requests change a workspace's desired state or "
+    "TTLs and return at once; the reconciler does the work. Ids: " + ID_PATTERN + ". "
+    "A COLD workspace comes back only through restore. Errors: "
+    '{"error": {"code", "message"}}.')
+
+
+def build_document() -> dict[str, Any]:
+    return document(ROUTES, prefix=PREFIX, title="CodeHub admin API", version=VERSION,
+                    description=DESCRIPTION, schemas=SCHEMAS)
+
+
+# --- wiring ------------------------------------------------------------------------------
+
+_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+_METHODS = frozenset({"GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS"})
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+def _bind(route: Route) -> Any:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if route.auth:
+            _authenticate(request, request.app[_CTX])
+        path = validate_path(route, request.match_info)
+        query = validate_query(route, request.query)
+        body = validate_body(route, await read_body(request)) if route.body else {}
+        return await route.handler(request, Args(path, query, body))
+    handle.__name__ = route.name
+    return handle
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: web_types.Handler) -> web.StreamResponse:
+    """JSON errors for everything under the prefix, and the request counter."""
+    resource = request.match_info.route.resource
+    try:
+        resp = await handler(request)
+    except ApiError as exc:
+        resp = _error(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        resp = _error(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"),
+                               f"{exc.reason}: {request.method} {request.path[:200]}",
+                               headers))
+    except _UNAVAILABLE as exc:
+        log.warning("api: %s %s: database unavailable: %s", request.method, request.path,
+                    exc or type(exc).__name__)
+        resp = _error(ApiError(503, "unavailable", "the database is unavailable; retry",
+                               {"Retry-After": "2"}))
+    except Exception:
+        log.exception("api: %s %s failed", request.method, request.path)
+        resp = _error(ApiError(500, "internal", "internal error; see the server log"))
+    API_REQUESTS.labels(resource.canonical if resource is not None else "unmatched",
+                        request.method if request.method in _METHODS else "OTHER",
+                        str(resp.status)).inc()
+    return resp
+
+
+def _check_exposure(cfg: Config) -> None:
+    n = len(cfg.auth.admin_tokens)
+    if n:
+        log.info("admin API: bearer token required (%d token(s) configured)", n)
+        return
+    if is_loopback(cfg.server.host):
+        log.warning("admin API: no auth.admin_tokens configured; server.host %s is loopback, "
+                    "so the API answers direct loopback clients without a token",
+                    cfg.server.host)
+        return
+    log.error("admin API: no auth.admin_tokens configured and server.host %s is not "
+              "loopback: refusing to start", cfg.server.host)
+    raise ConfigError(
+        f"auth.admin_tokens: empty while server.host={cfg.server.host!r} is not a loopback "
+        "address; set a token (e.g. CODEHUB_AUTH__ADMIN_TOKENS) or listen on 127.0.0.1")
+
+
+def setup(app: web.Application) -> None:
+    """Mount the API at /api/v1 as a sub-application (its middleware touches nothing else).
+
+    Needs `keys.CONFIG` now, and `keys.STORE` and `keys.HINTS` by the first request.
+    Raises ConfigError when no token is configured and the listener is not loopback."""
+    cfg = app[keys.CONFIG]
+    _check_exposure(cfg)
+    api = web.Application(middlewares=[_errors])
+    api[_CTX] = _Context(
+        config=cfg, token_digests=tuple(token_digest(t) for t in cfg.auth.admin_tokens),
+        doc=orjson.dumps(build_document()))
+    for route in ROUTES:
+        api.router.add_route(route.method, route.path, _bind(route), name=route.name)
+    app.add_subapp(PREFIX, api)
