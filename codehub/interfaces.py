@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from .model import InstanceState, VolumeState
 
@@ -197,3 +198,9 @@ class HintBus(ABC):
     def subscribe(self) -> AsyncIterator[str | None]:
         """Yield workspace ids as they arrive; yields None after each (re)subscription,
         meaning "hints may have been missed: resync everything"."""
+
+
+class Leadership(Protocol):
+    """Whether this replica currently runs the reconciler (readyz and metrics show it)."""
+
+    is_leader: bool

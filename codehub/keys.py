@@ -7,8 +7,7 @@ import asyncpg
 from aiohttp import web
 
 from .config import Config
-from .interfaces import HintBus, InstanceController, ObjectStore, StorageProvider
-from .reconciler.leader import LeaderElector
+from .interfaces import HintBus, InstanceController, Leadership, ObjectStore, StorageProvider
 from .store import Store
 
 CONFIG = web.AppKey("config", Config)
@@ -20,4 +19,4 @@ OBJECTS = web.AppKey("objects", ObjectStore)
 DATABASE_URL = web.AppKey("database_url", str)
 INSTANCES = web.AppKey("instances", InstanceController)
 STORAGE = web.AppKey("storage", StorageProvider)
-ELECTOR = web.AppKey("elector", LeaderElector)
+ELECTOR = web.AppKey("elector", Leadership)

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from .. import constants
+from .. import constants, metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class LeaderElector:
 
     async def _hold(self, conn: asyncpg.Connection) -> None:
         self.is_leader = True
+        metrics.LEADER.set(1)
         self.terms += 1
         self.elected.set()
         log.info("became leader (term %d)", self.terms)
@@ -84,6 +85,7 @@ class LeaderElector:
                           exc_info=lead.exception())
         finally:
             self.is_leader = False
+            metrics.LEADER.set(0)
             self.elected.clear()
             lead.cancel()
             await asyncio.gather(lead, return_exceptions=True)

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from .. import constants
+from .. import constants, metrics
 from ..clock import Clock
 from ..failpoints import failpoint
 from ..interfaces import InstanceController, Progress, StorageProvider
@@ -138,6 +138,8 @@ class Reconciler:
             return CONVERGED
         transition = TRANSITIONS[step]
         if row.operation is not transition.operation:
+            if row.operation is Operation.NONE:
+                metrics.HINT_LAG.observe(max(0.0, (now - row.updated_at).total_seconds()))
             began = await self.store.compare_and_set(
                 row.id, expect_status=row.status, expect_operation=row.operation,
                 operation=transition.operation, operation_started_at=now,
@@ -148,7 +150,8 @@ class Reconciler:
         failpoint(f"reconcile.{step.value.lower()}.recorded")
         self._event("begin", row, step)
         try:
-            await self._act(step, row)
+            with metrics.operation(transition.operation.value):
+                await self._act(step, row)
         except asyncio.CancelledError:
             self._event("cancelled", row, step)
             raise
@@ -303,6 +306,7 @@ class Reconciler:
                 progress_done=info.size, progress_total=info.size)
             if committed is None:
                 raise RuntimeError(f"workspace {row.id} changed while archiving")
+            metrics.BYTES_ARCHIVED.inc(info.size)
             failpoint("reconcile.archive.committed")
         # else: a previous run committed this operation's archive and died before (or
         # while) deleting the volume; only that is left to do.
@@ -317,6 +321,7 @@ class Reconciler:
             raise RuntimeError("no archive recorded; nothing to restore")
         key = await self.storage.restore(row.id, row.archive_key, row.archive_sha256,
                                          progress)
+        metrics.BYTES_RESTORED.inc(row.archive_size or 0)
         failpoint("reconcile.restore.returned")
         await self._finish(row, Status.WARM, home_store_key=key)
 
