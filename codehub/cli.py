@@ -147,6 +147,9 @@ def _serve(cfg: config_mod.Config) -> int:
     web.run_app(
         build_app(cfg), host=cfg.server.host, port=cfg.server.port,
         shutdown_timeout=cfg.server.shutdown_timeout, loop=loop, print=None,
+        # a client that goes away cancels its handler: a proxied request waiting on a
+        # workspace must not outlive its browser (nor hold up a shutdown)
+        handler_cancellation=True,
         access_log=logging.getLogger("aiohttp.access") if cfg.log_level == "DEBUG" else None,
     )
     log.info("codehub stopped")

@@ -1,0 +1,263 @@
+"""What a request under /w/{id}/ gets: auth, then the IDE, a state page, or a refusal.
+
+Guarantees (DESIGN.md "What a browser sees at /w/{id}/"):
+- `/w/{id}` redirects to `/w/{id}/` (query kept).
+- `?access=<link token>` on a GET is exchanged for the workspace cookie (HttpOnly,
+  SameSite=Lax, Secure on HTTPS, Path=/w/{id}/) and a 303 to the same URL without the
+  token. Every other request needs that cookie: none -> 401, invalid, expired or another
+  workspace's -> 403. Checking it is an HMAC, never a database query.
+- `/w/{id}/_codehub/...` is the gateway's own (events, status); nothing under it reaches
+  the workspace.
+- RUNNING and ready: proxied (HTTP or WebSocket), and the workspace is marked active.
+- WARM, NEW, or RUNNING but not yet reachable: a browser GET for HTML sets desired RUNNING
+  (if it was not), records the access at once, sends a hint, and gets the loading page
+  (200, no-store); other requests get 503 + Retry-After; a WebSocket upgrade gets 503,
+  which the IDE's reconnect logic retries.
+- COLD (or being archived or restored): 502 and the archived page; ERROR: 502 with the
+  recorded reason; being deleted: 502; unknown workspace: 404.
+- A running workspace that refuses the connection: its row is read again; if it is no
+  longer running the state answer above is given, else a 502 page.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from ..config import Config
+from ..interfaces import HintBus, InstanceController
+from ..model import DesiredState, Operation, Status
+from ..store import Store
+from . import auth, events
+from .activity import Activity
+from .auth import SigningKeys, Verdict
+from .pages import Pages, plain, wants_html
+from .proxy import Forwarding, proxy_http
+from .routes import DatabaseUnavailable, Route, RouteTable
+from .upstream import UpstreamError, UpstreamPool
+from .websocket import UpstreamRefused, is_upgrade, relay
+
+MAX_ID_LENGTH = 128
+VERIFIED_CACHE = 10_000
+_WAKE_FROM = (Status.WARM, Status.RUNNING, Status.NEW)
+_COLD_OPERATIONS = (Operation.ARCHIVING, Operation.RESTORING)
+
+
+class Gateway:
+    """The gateway's resources, shared by every request (created by gateway_ctx)."""
+
+    def __init__(self, cfg: Config, store: Store, hints: HintBus,
+                 instances: InstanceController, keys: SigningKeys, pages: Pages) -> None:
+        g = cfg.gateway
+        self.cfg = cfg
+        self.store = store
+        self.hints = hints
+        self.keys = keys
+        self.pages = pages
+        self.cookie_ttl = cfg.auth.cookie_ttl
+        self.retry_after = g.wake_retry_after
+        self.health_path = cfg.docker.health_path
+        self.events_poll_interval = g.events_poll_interval
+        self.pool = UpstreamPool(connect_timeout=g.upstream_connect_timeout,
+                                 idle_timeout=g.upstream_idle_timeout, max_idle=g.upstream_max_idle)
+        # WebSockets and health checks. Its own connector without a limit: relayed sockets
+        # hold their connection for hours and must never wait for (or starve) a slot.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=False, force_close=True),
+            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=g.upstream_connect_timeout),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
+        self.routes = RouteTable(store, instances, ttl=g.route_ttl)
+        self.activity = Activity(store, interval=g.activity_flush_interval,
+                                 keep_sockets_active=g.websocket_keeps_active)
+        self._verified: dict[str, tuple[str, int]] = {}
+
+    async def close(self) -> None:
+        await self.routes.close()
+        await self.session.close()
+        self.pool.close()
+
+    def housekeeping(self) -> None:
+        self.routes.prune()
+        self.pool.prune()
+
+    # --- answers that are not the IDE ---------------------------------------------------
+
+    def refuse(self, request: web.Request, status: int, title: str, message: str,
+               workspace_id: str, *, detail: str = "", retry_after: int | None = None,
+               ) -> web.Response:
+        if wants_html(request) and not is_upgrade(request):
+            return self.pages.error(status, title, message, workspace_id=workspace_id,
+                                    detail=detail, retry_after=retry_after)
+        return plain(status, f"{title} {message}".strip(), retry_after=retry_after)
+
+    def denied(self, request: web.Request, workspace_id: str, verdict: Verdict) -> web.Response:
+        if verdict is Verdict.MISSING:
+            return self.refuse(request, 401, "Sign-in needed.",
+                               "Open this workspace through an access link from CodeHub.",
+                               workspace_id)
+        why = "has expired" if verdict is Verdict.EXPIRED else "is not valid for this workspace"
+        return self.refuse(request, 403, "Access denied.",
+                           f"Your access {why}. Ask for a new access link.", workspace_id)
+
+    async def wake(self, workspace_id: str) -> None:
+        """Ask for RUNNING, record the access now (so the TTL sweep does not put the
+        workspace straight back to sleep) and hint the reconciler."""
+        row = await self.store.set_desired(workspace_id, DesiredState.RUNNING,
+                                           expect_status=_WAKE_FROM)
+        if row is None:
+            return
+        await self.store.flush_activity([workspace_id], [datetime.now(UTC)])
+        self.routes.invalidate(workspace_id)
+        await self.hints.publish(workspace_id)
+
+    async def state_answer(self, request: web.Request, workspace_id: str, route: Route,
+                           ) -> web.Response:
+        ws = route.workspace
+        if ws is None:
+            return self.refuse(request, 404, "No such workspace.",
+                               "Check the link, or ask for a new one.", workspace_id)
+        if (ws.desired_state is DesiredState.DELETED or ws.status is Status.DELETED
+                or ws.operation is Operation.DELETING):
+            return self.refuse(request, 502, "Workspace being deleted.",
+                               "This workspace is being deleted.", workspace_id)
+        if ws.status is Status.ERROR:
+            return self.refuse(request, 502, "Workspace failed.",
+                               "The workspace is in an error state and waits for an "
+                               "administrator.", workspace_id,
+                               detail=ws.error_message or "No reason was recorded.")
+        if ws.status is Status.COLD or ws.operation in _COLD_OPERATIONS:
+            if wants_html(request) and not is_upgrade(request):
+                return self.pages.cold(workspace_id, ws)
+            return plain(502, "The workspace is archived (COLD) and must be restored.")
+        # Waking: WARM, NEW, or RUNNING without a reachable upstream yet.
+        if is_upgrade(request) or not wants_html(request):
+            return plain(503, "The workspace is starting.", retry_after=self.retry_after)
+        if request.method == "GET" and ws.desired_state is not DesiredState.RUNNING:
+            try:
+                await self.wake(workspace_id)
+                route = await self.routes.get(workspace_id)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    DatabaseUnavailable) as exc:
+                return self.refuse(request, 502, "CodeHub cannot reach its database.",
+                                   "Try again in a moment.", workspace_id, detail=str(exc))
+            ws = route.workspace or ws
+        return self.pages.loading(workspace_id, ws)
+
+    def exchange_link(self, request: web.Request, workspace_id: str, cookie: str | None,
+                      now: float) -> web.StreamResponse | None:
+        """Answer `?access=` on a GET; None when the request has no access token."""
+        token = request.query.get("access")
+        if token is None:
+            return None
+        verdict = auth.verify_access_link(self.keys, workspace_id, token, now)
+        clean = str(request.rel_url.without_query_params("access"))
+        if verdict is not Verdict.OK:
+            if auth.verify_cookie(self.keys, workspace_id, cookie, now) is Verdict.OK:
+                return _see_other(clean)
+            return self.refuse(request, 403, "Access link not valid.",
+                               "This access link has expired or is not valid. Ask for a "
+                               "new one.", workspace_id)
+        resp = _see_other(clean)
+        resp.set_cookie(auth.COOKIE_NAME, auth.mint_cookie(self.keys, workspace_id,
+                                                           self.cookie_ttl, now),
+                        path=auth.cookie_path(workspace_id), max_age=self.cookie_ttl,
+                        httponly=True, samesite="Lax", secure=request.secure)
+        return resp
+
+    async def own_endpoint(self, request: web.Request, workspace_id: str, target: str,
+                           ) -> web.StreamResponse:
+        path = target.partition("?")[0]
+        if path == "/_codehub/events" and request.method == "GET":
+            return await events.events(self, request, workspace_id)
+        if path == "/_codehub/status" and request.method == "GET":
+            return await events.status(self, request, workspace_id)
+        return plain(404, "Not found.")
+
+    def check_cookie(self, workspace_id: str, cookie: str | None, now: float) -> Verdict:
+        # A cookie already verified skips the HMAC: the exact string was seen valid before,
+        # for this workspace, and has not expired (bounded cache; keys never change live).
+        known = self._verified.get(cookie) if cookie else None
+        if known is not None and known[0] == workspace_id and known[1] > now:
+            return Verdict.OK
+        verdict = auth.verify_cookie(self.keys, workspace_id, cookie, now)
+        if verdict is Verdict.OK and cookie:
+            if len(self._verified) >= VERIFIED_CACHE:
+                self._verified.clear()
+            self._verified[cookie] = (workspace_id, auth.link_expiry(cookie))
+        return verdict
+
+    # --- the entry point --------------------------------------------------------------------
+
+    async def handle(self, request: web.Request, workspace_id: str) -> web.StreamResponse:
+        raw = request.raw_path
+        n = 3 + len(workspace_id)
+        # Only the canonical spelling of /w/{id}/ is served: the id as sent must be the id
+        # the router matched (no %-encoded or dot-segment variants).
+        if (len(workspace_id) > MAX_ID_LENGTH or not raw.startswith(workspace_id, 3)
+                or raw[n:n + 1] != "/"):
+            return plain(404, "Not found.")
+        target = raw[n:]
+        now = time.time()
+        headers = request.headers
+        cookies = headers.getall("Cookie", ())
+        cookie, rest = auth.split_cookie_header(
+            cookies[0] if len(cookies) == 1 else ("; ".join(cookies) or None))
+        if "access=" in target and request.method == "GET":
+            answer = self.exchange_link(request, workspace_id, cookie, now)
+            if answer is not None:
+                return answer
+        verdict = self.check_cookie(workspace_id, cookie, now)
+        if verdict is not Verdict.OK:
+            return self.denied(request, workspace_id, verdict)
+        if target.startswith("/_codehub/"):
+            return await self.own_endpoint(request, workspace_id, target)
+        route = self.routes.cached(workspace_id)
+        if route is None:
+            try:
+                route = await self.routes.get(workspace_id)
+            except DatabaseUnavailable as exc:
+                return self.refuse(request, 502, "CodeHub cannot reach its database.",
+                                   "Try again in a moment.", workspace_id, detail=str(exc))
+        if not route.host:
+            return await self.state_answer(request, workspace_id, route)
+        self.activity.mark(workspace_id)
+        fwd = Forwarding(request, workspace_id, rest)
+        if is_upgrade(request):
+            return await self.websocket(request, workspace_id, route, target, fwd)
+        try:
+            return await proxy_http(self.pool, request, route.host, route.port, target, fwd)
+        except UpstreamError as exc:
+            return await self.unreachable(request, workspace_id, str(exc))
+
+    async def websocket(self, request: web.Request, workspace_id: str, route: Route,
+                        target: str, fwd: Forwarding) -> web.StreamResponse:
+        url = f"ws://{route.host}:{route.port}{target}"
+        try:
+            return await relay(self.session, request, url, fwd, workspace_id, self.activity)
+        except UpstreamRefused as exc:
+            if exc.status == 502:
+                return await self.unreachable(request, workspace_id, str(exc))
+            return plain(exc.status if exc.status >= 400 else 502, str(exc))
+
+    async def unreachable(self, request: web.Request, workspace_id: str, detail: str,
+                          ) -> web.Response:
+        try:
+            route = await self.routes.fresh(workspace_id)
+        except DatabaseUnavailable:
+            route = None
+        if route is not None and not route.host:
+            return await self.state_answer(request, workspace_id, route)
+        return self.refuse(request, 502, "The workspace is not answering.",
+                           "Its IDE did not accept the connection. Try again in a moment.",
+                           workspace_id, detail=detail, retry_after=self.retry_after)
+
+
+def _see_other(location: str) -> web.Response:
+    # no-store and no-referrer: the URL that carried the token is never cached nor leaked.
+    return web.Response(status=303, headers={
+        "Location": location, "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})

@@ -1,0 +1,135 @@
+"""The gateway's own pages: loading (auto-wake), COLD, and errors (401/403/404/502/503).
+
+Guarantees:
+- Every page is one self-contained HTML response: the stylesheet and script from
+  `static/` are inlined when the templates are loaded (once, at start-up), so a page needs
+  no further request, no external font and no CDN, and renders even for a visitor without
+  a cookie.
+- Every value put into a page is HTML-escaped; the state embedded for the loading page's
+  script is JSON with `<`, `>` and `&` escaped, so no workspace data can break out.
+- Pages are never cached (`Cache-Control: no-store`): they describe a moment.
+- Clients that do not ask for HTML get the same status with a one-line text body (and
+  `Retry-After` where retrying helps).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..model import Workspace
+
+PACKAGE_STATIC = Path(__file__).resolve().parents[2] / "static"
+TEMPLATES = ("loading.html", "cold.html", "error.html")
+_SLOT = re.compile(r"\{\{(\w+)\}\}")
+NO_STORE = "no-store"
+
+
+def static_dir(configured: str) -> Path:
+    return Path(configured).expanduser() if configured else PACKAGE_STATIC
+
+
+def describe(ws: Workspace | None, *, ready: bool = False) -> dict[str, Any]:
+    """The workspace as the loading page and the event stream show it."""
+    if ws is None:
+        return {"id": None, "status": "UNKNOWN", "ready": False}
+    progress = None
+    if ws.progress_phase:
+        progress = {"phase": ws.progress_phase, "done": ws.progress_done,
+                    "total": ws.progress_total}
+    error = None
+    if ws.error_message:
+        error = {"message": ws.error_message, "count": ws.error_count,
+                 "at": ws.error_at.isoformat() if ws.error_at else None}
+    return {"id": ws.id, "status": ws.status.value, "desired_state": ws.desired_state.value,
+            "operation": ws.operation.value, "progress": progress, "error": error,
+            "ready": ready}
+
+
+def _json_for_script(data: object) -> str:
+    return (orjson.dumps(data).decode().replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026"))
+
+
+def wants_html(request: web.Request) -> bool:
+    return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
+
+
+class Pages:
+    def __init__(self, directory: Path) -> None:
+        css = (directory / "codehub.css").read_text(encoding="utf-8")
+        js = (directory / "codehub.js").read_text(encoding="utf-8")
+        self._templates: dict[str, str] = {}
+        for name in TEMPLATES:
+            text = (directory / name).read_text(encoding="utf-8")
+            # Inlined once here; a stylesheet or script can hold no "{{" of its own.
+            self._templates[name] = (text.replace("{{css}}", css.replace("{{", "{ {"))
+                                     .replace("{{js}}", js.replace("{{", "{ {")))
+
+    def _render(self, name: str, values: dict[str, str], raw: dict[str, str] | None = None,
+                ) -> str:
+        escaped = {k: html.escape(v) for k, v in values.items()}
+        if raw:
+            escaped.update(raw)
+        return _SLOT.sub(lambda m: escaped.get(m.group(1), ""), self._templates[name])
+
+    @staticmethod
+    def _response(status: int, body: str, extra: dict[str, str] | None = None,
+                  ) -> web.Response:
+        headers = {"Cache-Control": NO_STORE, "X-Content-Type-Options": "nosniff",
+                   "Referrer-Policy": "no-referrer"}
+        if extra:
+            headers.update(extra)
+        return web.Response(status=status, text=body, content_type="text/html",
+                            charset="utf-8", headers=headers)
+
+    def loading(self, workspace_id: str, ws: Workspace | None) -> web.Response:
+        state = describe(ws)
+        body = self._render(
+            "loading.html",
+            {"workspace": workspace_id, "base": f"/w/{workspace_id}/"},
+            {"state_json": _json_for_script(state)})
+        return self._response(200, body)
+
+    def cold(self, workspace_id: str, ws: Workspace | None) -> web.Response:
+        archive = ""
+        if ws is not None and ws.archive_created_at is not None:
+            size = ws.archive_size or 0
+            archive = (f"Archived {ws.archive_created_at:%Y-%m-%d %H:%M} UTC, "
+                       f"{size / 1048576:.1f} MiB.")
+        progress = ""
+        if ws is not None and ws.progress_phase:
+            done, total = ws.progress_done or 0, ws.progress_total
+            progress = f"{ws.progress_phase}: {done / 1048576:.1f} MiB" + (
+                f" of {total / 1048576:.1f} MiB" if total else "")
+        operation = ws.operation.value if ws is not None else "NONE"
+        # While an archive or restore runs, the page refreshes itself to show progress.
+        refresh = '<meta http-equiv="refresh" content="5">' if operation != "NONE" else ""
+        body = self._render("cold.html", {
+            "workspace": workspace_id, "archive": archive, "progress": progress,
+            "operation": operation,
+        }, {"refresh": refresh})
+        return self._response(502, body)
+
+    def error(self, status: int, title: str, message: str, *, workspace_id: str = "",
+              detail: str = "", retry_after: int | None = None) -> web.Response:
+        body = self._render("error.html", {
+            "status": str(status), "title": title, "message": message,
+            "workspace": workspace_id, "detail": detail,
+            "detail_hidden": "" if detail else "hidden",
+        })
+        extra = {"Retry-After": str(retry_after)} if retry_after else None
+        return self._response(status, body, extra)
+
+
+def plain(status: int, message: str, *, retry_after: int | None = None) -> web.Response:
+    """The answer to a client that did not ask for HTML."""
+    headers = {"Cache-Control": NO_STORE}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return web.Response(status=status, text=message + "\n", headers=headers)

@@ -1,0 +1,202 @@
+"""The HTTP reverse proxy: one request under /w/{id}/ forwarded to the workspace's IDE.
+
+Guarantees:
+- The request line carries the path below `/w/{id}` and the query string exactly as the
+  client sent them (no decoding, re-encoding or normalisation).
+- Hop-by-hop headers (RFC 9110 7.6.1) and every header named in `Connection` are dropped
+  both ways; every other header is kept with its repeats (several Set-Cookie stay
+  several). `Host` is kept as the client sent it, and `X-Forwarded-For` (appended),
+  `-Host`, `-Proto` and `-Prefix` are set, so code-server sees the public origin and
+  accepts its WebSockets. The gateway's own cookie never reaches the workspace: it is
+  removed from `Cookie`, the other cookies stay.
+- Bodies stream both ways with backpressure, whatever their size: no `client_max_size`,
+  no buffering beyond a few hundred KiB, no decompression and no recompression
+  (Content-Encoding passes through untouched). A body the client sent with
+  Content-Length goes upstream with it; a chunked one goes chunked.
+- No timeout cuts a response: only connecting is bounded (gateway.upstream_connect_timeout).
+- HEAD, 204 and 304 answers carry no body. A workspace that refuses the connection
+  raises `UpstreamError` before anything was sent to the client (the caller answers with
+  a page); one that breaks the connection mid-response makes the gateway abort the
+  client's connection, so the client sees a truncated response, never a complete-looking
+  one. A client that goes away mid-response makes the gateway drop the upstream
+  connection (it is never put back in the pool half-read).
+- A bodiless GET/HEAD/OPTIONS that fails on a reused keep-alive connection before any
+  response byte arrived is retried once on a new connection (the workspace closed an
+  idle connection just as it was reused).
+
+Hot path: no logging, no database, one list of header pairs built per request, and a
+response that arrived whole (the common small case) is answered with one `web.Response`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from aiohttp import web
+
+from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
+
+# Hop-by-hop headers, lower-case bytes (request side: raw headers are bytes).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
+})
+# Replaced by the gateway on the way in.
+_REPLACED = frozenset({
+    b"cookie", b"expect", b"content-length", b"x-forwarded-for", b"x-forwarded-host",
+    b"x-forwarded-proto", b"x-forwarded-prefix",
+})
+_DROP_REQUEST = HOP_BY_HOP | _REPLACED
+_DROP_RESPONSE = HOP_BY_HOP
+_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+class Forwarding:
+    """What the gateway adds to a forwarded request (shared by HTTP and WebSocket)."""
+
+    __slots__ = ("cookie", "forwarded_for", "host", "prefix", "proto")
+
+    def __init__(self, request: web.BaseRequest, workspace_id: str, cookie: str | None) -> None:
+        self.cookie = cookie
+        remote = request.remote or ""
+        prior = request.headers.getall("X-Forwarded-For", ())
+        self.forwarded_for = ", ".join([*prior, remote]) if prior else remote
+        self.host = request.host
+        self.proto = request.scheme
+        self.prefix = f"/w/{workspace_id}"
+
+    def block(self) -> bytes:
+        """The same headers as `pairs`, as request-head bytes."""
+        return "".join(f"{k}: {v}\r\n" for k, v in self.pairs()).encode("latin-1", "replace")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        out = [("X-Forwarded-For", self.forwarded_for), ("X-Forwarded-Host", self.host),
+               ("X-Forwarded-Proto", self.proto), ("X-Forwarded-Prefix", self.prefix)]
+        if self.cookie:
+            out.append(("Cookie", self.cookie))
+        return out
+
+
+def request_head(request: web.BaseRequest, target: str, fwd: Forwarding, host: str,
+                 port: int, body: str) -> bytes:
+    """The request line and headers for the workspace. `body` is "", "length" or "chunked"."""
+    headers = request.headers
+    drop = _DROP_REQUEST
+    if "Connection" in headers:  # one C lookup instead of a scan of every header
+        named = ",".join(headers.getall("Connection")).encode("latin-1")
+        drop = drop | connection_tokens(named)
+    parts = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"),
+                                        target.encode("utf-8", "surrogateescape"))]
+    append = parts.append
+    for name, value in request.raw_headers:
+        if name.lower() not in drop:
+            append(b"%s: %s\r\n" % (name, value))
+    if "Host" not in headers:
+        append(b"Host: %s:%d\r\n" % (host.encode(), port))
+    append(fwd.block())
+    if body == "length":
+        append(b"Content-Length: %d\r\n" % (request.content_length or 0))
+    elif body == "chunked":
+        append(b"Transfer-Encoding: chunked\r\n")
+    append(b"\r\n")
+    return b"".join(parts)
+
+
+def response_headers(raw: list[tuple[bytes, bytes]], connection: bytes | None,
+                     ) -> list[tuple[str, str]]:
+    drop = _DROP_RESPONSE | connection_tokens(connection) if connection else _DROP_RESPONSE
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw
+            if n.lower() not in drop]
+
+
+def _body_mode(request: web.BaseRequest) -> str:
+    if request.content_length is not None:
+        return "length" if request.content_length > 0 else ""
+    if request.body_exists:
+        return "chunked"
+    return ""
+
+
+async def _send_body(request: web.BaseRequest, conn: UpstreamConnection, chunked: bool) -> None:
+    content = request.content
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        if chunked:
+            conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        else:
+            conn.write(chunk)
+        await conn.drain()
+    if chunked:
+        conn.write(b"0\r\n\r\n")
+
+
+async def _exchange(pool: UpstreamPool, request: web.BaseRequest, host: str, port: int,
+                    head: bytes, body: str) -> UpstreamConnection:
+    """Send the request; return the connection once the response head arrived."""
+    head_only = request.method == "HEAD"
+    attempts = 2 if (not body and request.method in _RETRYABLE) else 1
+    while True:
+        attempts -= 1
+        conn, reused = await pool.acquire(host, port)
+        try:
+            conn.begin(head, head_only=head_only)
+            if body:
+                try:
+                    await _send_body(request, conn, body == "chunked")
+                except UpstreamError:
+                    # The workspace answered (or died) before taking the whole body: read
+                    # what it said, and never reuse the connection.
+                    conn.forbid_reuse()
+            await conn.read_head()
+            return conn
+        except UpstreamError as exc:
+            pool.release(conn, reusable=False)
+            if reused and attempts > 0 and exc.no_response:
+                continue
+            raise
+        except BaseException:
+            pool.release(conn, reusable=False)
+            raise
+
+
+async def proxy_http(pool: UpstreamPool, request: web.Request, host: str, port: int,
+                     target: str, fwd: Forwarding) -> web.StreamResponse:
+    """Forward `request` to http://host:port`target`. Raises UpstreamError only when
+    nothing was sent to the client yet."""
+    body = _body_mode(request)
+    head = request_head(request, target, fwd, host, port, body)
+    conn = await _exchange(pool, request, host, port, head, body)
+    headers = response_headers(conn.headers, conn.connection)
+    if conn.complete:
+        # The whole response is here (small bodies, HEAD, 204, 304): one Response.
+        data = conn.take_buffered()
+        pool.release(conn, reusable=True)
+        return web.Response(status=conn.status, headers=headers, body=data or None)
+    resp = web.StreamResponse(status=conn.status, headers=headers)
+    reusable = False
+    try:
+        await resp.prepare(request)
+        while True:
+            chunk = await conn.read_chunk()
+            if not chunk:
+                break
+            await resp.write(chunk)
+        reusable = True
+    except UpstreamError:
+        # The workspace broke off mid-body: make the client see a truncated response.
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    except ConnectionError:
+        return resp  # the client went away
+    finally:
+        pool.release(conn, reusable=reusable)
+    with contextlib.suppress(ConnectionError):
+        await resp.write_eof()
+    return resp

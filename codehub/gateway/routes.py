@@ -1,0 +1,167 @@
+"""The route table: workspace id -> (its row, where its IDE answers), kept in memory.
+
+Guarantees:
+- A proxied request to a workspace whose route is cached costs no database query and no
+  runtime lookup: one dict lookup and one clock read.
+- A route is filled on demand: one `Store.get` (plus `resolve_upstream` when the row says
+  RUNNING with no operation in flight); concurrent requests for the same uncached
+  workspace share that one load.
+- Hints invalidate: every hint for a workspace drops its route (the next request reads
+  the row again) and wakes whoever waits on it (the loading page's event stream); a
+  (re)subscription, after which hints may have been missed, drops every route.
+- Hints are at most once, so routes also expire: a proxyable route after `ttl` seconds,
+  any other after `short_ttl`. A lost hint costs at most that much staleness, and a
+  stale route to a stopped workspace shows up sooner as a refused connection, which the
+  proxy answers by invalidating the route and reading the row again.
+- When the database cannot be read, a route that was proxyable is kept (and retried
+  after `short_ttl`): a database outage does not interrupt running workspaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import asyncpg
+
+from ..interfaces import HintBus, InstanceController
+from ..model import Operation, Status, Workspace
+from ..store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Route:
+    """What the gateway knows about one workspace. `host` is "" unless proxyable."""
+
+    __slots__ = ("expires", "host", "port", "workspace")
+
+    def __init__(self, workspace: Workspace | None, host: str, port: int,
+                 expires: float) -> None:
+        self.workspace = workspace
+        self.host = host
+        self.port = port
+        self.expires = expires
+
+    @property
+    def proxyable(self) -> bool:
+        return bool(self.host)
+
+
+class DatabaseUnavailable(Exception):
+    """The row could not be read and nothing usable was cached."""
+
+
+class RouteTable:
+    def __init__(self, store: Store, instances: InstanceController, *, ttl: float,
+                 short_ttl: float = 1.0) -> None:
+        self.store = store
+        self.instances = instances
+        self.ttl = ttl
+        self.short_ttl = short_ttl
+        self._routes: dict[str, Route] = {}
+        self._loading: dict[str, asyncio.Task[Route]] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self.loads = 0  # database reads made: tests assert the hot path makes none
+
+    def cached(self, workspace_id: str) -> Route | None:
+        """The route if it is cached and fresh (the hot path), else None."""
+        route = self._routes.get(workspace_id)
+        if route is not None and route.expires > time.monotonic():
+            return route
+        return None
+
+    async def get(self, workspace_id: str) -> Route:
+        route = self.cached(workspace_id)
+        if route is not None:
+            return route
+        task = self._loading.get(workspace_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(workspace_id))
+            self._loading[workspace_id] = task
+            task.add_done_callback(lambda t: self._loaded(workspace_id, t))
+        return await asyncio.shield(task)
+
+    async def fresh(self, workspace_id: str) -> Route:
+        """Read the row again now (the cached route is replaced; waiters are not woken)."""
+        self._routes.pop(workspace_id, None)
+        self._loading.pop(workspace_id, None)
+        return await self.get(workspace_id)
+
+    def _loaded(self, workspace_id: str, task: asyncio.Task[Route]) -> None:
+        if self._loading.get(workspace_id) is not task:
+            return  # invalidated while loading: the result may predate the hint
+        del self._loading[workspace_id]
+        if not task.cancelled() and task.exception() is None:
+            self._routes[workspace_id] = task.result()
+
+    async def _load(self, workspace_id: str) -> Route:
+        self.loads += 1
+        now = time.monotonic()
+        try:
+            ws = await self.store.get(workspace_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            old = self._routes.get(workspace_id)
+            if old is not None and old.proxyable:
+                log.warning("database unreadable, keeping the route of %s: %s",
+                            workspace_id, exc)
+                old.expires = now + self.short_ttl
+                return old
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        if ws is None or ws.status is not Status.RUNNING or ws.operation is not Operation.NONE:
+            return Route(ws, "", 0, now + self.short_ttl)
+        try:
+            info = await self.instances.resolve_upstream(workspace_id)
+        except Exception as exc:  # any runtime failure: not reachable (yet); retry soon
+            log.info("workspace %s is RUNNING but has no upstream yet: %s", workspace_id, exc)
+            return Route(ws, "", 0, now + self.short_ttl)
+        return Route(ws, info.host, info.port, now + self.ttl)
+
+    def invalidate(self, workspace_id: str) -> None:
+        self._routes.pop(workspace_id, None)
+        self._loading.pop(workspace_id, None)
+        event = self._changed.pop(workspace_id, None)
+        if event is not None:
+            event.set()
+
+    def clear(self) -> None:
+        self._routes.clear()
+        self._loading.clear()
+        for event in self._changed.values():
+            event.set()
+        self._changed.clear()
+
+    def prune(self) -> None:
+        """Forget expired routes (housekeeping; keeps the table the size of the active set)."""
+        now = time.monotonic()
+        for wid in [w for w, r in self._routes.items() if r.expires <= now]:
+            del self._routes[wid]
+
+    async def wait_changed(self, workspace_id: str, timeout: float) -> bool:
+        """Wait for a hint about the workspace, at most `timeout` seconds; True if one came."""
+        event = self._changed.get(workspace_id)
+        if event is None:
+            event = self._changed[workspace_id] = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def consume_hints(self, hints: HintBus) -> None:
+        """Invalidate routes as hints arrive; runs until cancelled."""
+        async for workspace_id in hints.subscribe():
+            if workspace_id is None:
+                self.clear()
+            else:
+                self.invalidate(workspace_id)
+
+    async def close(self) -> None:
+        for task in list(self._loading.values()):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        self._loading.clear()

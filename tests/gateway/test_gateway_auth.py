@@ -1,0 +1,150 @@
+"""Access links and workspace cookies (codehub/gateway/auth.py, links.py, handler.py)."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from pathlib import Path
+
+from gateway_support import ADMIN_TOKEN, Stack, client
+
+from codehub.config import AuthConfig, Config
+from codehub.gateway import auth
+from codehub.gateway.auth import SigningKeys, Verdict
+from codehub.model import Status
+
+KEYS = SigningKeys((b"new-key", b"old-key"))
+
+
+async def mint_link(stack: Stack, workspace_id: str = "echo", **body: object) -> dict[str, str]:
+    async with client() as http, http.post(
+            stack.url(f"/api/v1/workspaces/{workspace_id}/access-links"), json=body or None,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+        assert resp.status == 201, await resp.text()
+        data: dict[str, str] = await resp.json()
+        return data
+
+
+async def test_access_link_sets_a_scoped_http_only_cookie_and_redirects_clean(
+        stack: Stack) -> None:
+    await stack.add()
+    link = await mint_link(stack, ttl_seconds=60)
+    assert link["url"].startswith(stack.base + "/w/echo/?access=")
+    async with client() as http, http.get(link["url"] + "&keep=1", allow_redirects=False) as r:
+        assert r.status == 303
+        assert r.headers["Location"] == "/w/echo/?keep=1"
+        assert r.headers["Cache-Control"] == "no-store"
+        cookie = r.headers["Set-Cookie"]
+    assert cookie.startswith(f"{auth.COOKIE_NAME}=")
+    attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
+    assert {"httponly", "path", "max-age", "samesite"} <= attrs
+    assert "Path=/w/echo/" in cookie and "SameSite=Lax" in cookie
+    assert "secure" not in attrs  # plain HTTP here; Secure is set on HTTPS requests
+    value = cookie.split(";")[0].split("=", 1)[1]
+    async with client() as http, http.get(stack.url("/w/echo/"), headers={
+            "Cookie": f"{auth.COOKIE_NAME}={value}"}) as resp:
+        assert resp.status == 200
+
+
+async def test_minting_needs_the_admin_token_and_an_existing_workspace(stack: Stack) -> None:
+    await stack.add()
+    async with client() as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+            async with http.post(stack.url("/api/v1/workspaces/echo/access-links"),
+                                 headers=headers) as resp:
+                assert resp.status == 401
+                assert (await resp.json())["error"]["code"] == "unauthorized"
+        async with http.post(stack.url("/api/v1/workspaces/nope/access-links"),
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+            assert resp.status == 404
+        async with http.post(stack.url("/api/v1/workspaces/echo/access-links"),
+                             json={"ttl_seconds": 0},
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+            assert resp.status == 400
+
+
+async def test_no_cookie_is_401(stack: Stack) -> None:
+    await stack.add()
+    async with client() as http:
+        async with http.get(stack.url("/w/echo/"), headers={"Accept": "text/html"}) as resp:
+            assert resp.status == 401
+            assert "access link" in await resp.text()
+        async with http.get(stack.url("/w/echo/_codehub/events")) as resp:
+            assert resp.status == 401
+
+
+async def test_another_workspaces_cookie_is_403(stack: Stack) -> None:
+    await stack.add()
+    await stack.add("other", status=Status.WARM)
+    async with client() as http, http.get(stack.url("/w/echo/"),
+                                          headers={"Cookie": stack.cookie("other")}) as resp:
+        assert resp.status == 403
+
+
+async def test_expired_cookie_and_expired_link_are_403(stack: Stack) -> None:
+    await stack.add()
+    old = auth.mint_cookie(stack.signing, "echo", 10, time.time() - 60)
+    link = auth.mint_access_link(stack.signing, "echo", 10, time.time() - 60)
+    async with client() as http:
+        async with http.get(stack.url("/w/echo/"),
+                            headers={"Cookie": f"{auth.COOKIE_NAME}={old}"}) as resp:
+            assert resp.status == 403
+            assert "expired" in await resp.text()
+        async with http.get(stack.url(f"/w/echo/?access={link}"), allow_redirects=False
+                            ) as resp:
+            assert resp.status == 403
+            assert "Set-Cookie" not in resp.headers
+
+
+async def test_forged_cookies_are_403(stack: Stack) -> None:
+    await stack.add()
+    good = auth.mint_cookie(stack.signing, "echo", 3600, time.time())
+    expiry, mac = good.split(".")
+    forged = [
+        f"{int(expiry) + 1}.{mac}",  # extended expiry
+        f"{expiry}.{mac[:-1]}{'A' if mac[-1] != 'A' else 'B'}",  # flipped MAC
+        auth.mint_cookie(SigningKeys((b"attacker",)), "echo", 3600, time.time()),
+        auth.mint_access_link(stack.signing, "echo", 3600, time.time()),  # a link as cookie
+        "garbage", "1.2.3", "",
+    ]
+    async with client() as http:
+        for value in forged:
+            async with http.get(stack.url("/w/echo/"),
+                                headers={"Cookie": f"{auth.COOKIE_NAME}={value}"}) as resp:
+                assert resp.status in (401, 403), value
+
+
+def test_rotated_keys_the_first_signs_and_all_verify() -> None:
+    now = time.time()
+    by_old = auth.mint_cookie(SigningKeys((b"old-key",)), "w1", 60, now)
+    by_new = auth.mint_cookie(KEYS, "w1", 60, now)
+    assert auth.verify_cookie(SigningKeys((b"new-key",)), "w1", by_new, now) is Verdict.OK
+    assert auth.verify_cookie(KEYS, "w1", by_old, now) is Verdict.OK
+    assert auth.verify_cookie(SigningKeys((b"new-key",)), "w1", by_old, now) is Verdict.INVALID
+    assert auth.verify_cookie(KEYS, "w2", by_new, now) is Verdict.INVALID
+    assert auth.verify_cookie(KEYS, "w1", by_new, now + 61) is Verdict.EXPIRED
+    assert auth.verify_cookie(KEYS, "w1", None, now) is Verdict.MISSING
+
+
+async def test_the_gateway_cookie_never_reaches_the_workspace(stack: Stack) -> None:
+    await stack.add()
+    cookie = stack.cookie()
+    async with client() as http, http.get(stack.url("/w/echo/"), headers={
+            "Cookie": f"a=1; {cookie}; b=2"}) as resp:
+        echo = json.loads(await resp.text())
+    sent = [v for k, v in echo["headers"] if k.lower() == "cookie"]
+    assert sent == ["a=1; b=2"]
+    async with client() as http, http.get(stack.url("/w/echo/"), headers={
+            "Cookie": cookie}) as resp:
+        echo = json.loads(await resp.text())
+    assert [v for k, v in echo["headers"] if k.lower() == "cookie"] == []
+
+
+def test_a_signing_key_is_generated_once_with_mode_0600(tmp_path: Path) -> None:
+    cfg = Config(data_dir=str(tmp_path), auth=AuthConfig())
+    first = auth.load_keys(cfg)
+    path = tmp_path / auth.KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert auth.load_keys(cfg) == first
+    assert len(first.keys[0]) >= 32

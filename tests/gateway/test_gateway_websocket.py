@@ -1,0 +1,148 @@
+"""The WebSocket relay against the echo workspace image (real Docker): the guarantees of
+codehub/gateway/websocket.py, one test each."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import aiohttp
+from gateway_support import Stack, client, wait_for
+
+WS_PATH = "/w/echo/_echo/ws"
+
+
+def ws_url(stack: Stack, path: str = WS_PATH) -> str:
+    return stack.url(path).replace("http://", "ws://")
+
+
+async def test_text_and_binary_messages_are_relayed(stack: Stack) -> None:
+    await stack.add()
+    async with client() as http, http.ws_connect(ws_url(stack), headers=stack.headers()) as ws:
+        await ws.send_str("hello ✓")
+        assert (await ws.receive()).data == "hello ✓"
+        await ws.send_bytes(b"\x00\x01\xff" * 100)
+        msg = await ws.receive()
+        assert msg.type is aiohttp.WSMsgType.BINARY and msg.data == b"\x00\x01\xff" * 100
+
+
+async def test_a_16_mib_message_is_relayed_whole(stack: Stack) -> None:
+    await stack.add()
+    payload = os.urandom(16 * 1024 * 1024)
+    async with client() as http, http.ws_connect(ws_url(stack), headers=stack.headers(),
+                                                 max_msg_size=0) as ws:
+        await ws.send_bytes(payload)
+        msg = await ws.receive(timeout=60)
+        assert msg.type is aiohttp.WSMsgType.BINARY
+        assert msg.data == payload
+
+
+async def test_ping_and_pong_are_relayed(stack: Stack) -> None:
+    await stack.add()
+    async with client() as http, http.ws_connect(ws_url(stack), headers=stack.headers(),
+                                                 autoping=False) as ws:
+        await ws.ping(b"are-you-there")
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.PONG
+        assert msg.data == b"are-you-there"
+
+
+async def test_subprotocol_chosen_by_the_workspace_is_answered(stack: Stack) -> None:
+    await stack.add()
+    async with client() as http, http.ws_connect(ws_url(stack), headers=stack.headers(),
+                                                 protocols=("vscode.v1", "other")) as ws:
+        assert ws.protocol == "vscode.v1"
+
+
+async def test_upgrade_headers_reach_the_workspace_without_the_gateway_cookie(
+        stack: Stack) -> None:
+    await stack.add()
+    headers = stack.headers(Origin="http://ide.example.test")
+    headers["Cookie"] = f"theirs=1; {headers['Cookie']}; other=2"
+    async with client() as http, http.ws_connect(ws_url(stack), headers=headers) as ws:
+        await ws.send_str("headers")
+        seen = json.loads((await ws.receive()).data)
+    names = {k.lower(): v for k, v in seen}
+    assert names["cookie"] == "theirs=1; other=2"
+    assert names["origin"] == "http://ide.example.test"
+    assert names["x-forwarded-prefix"] == "/w/echo"
+    assert "sec-websocket-extensions" not in names  # no compression negotiated upstream
+
+
+async def test_close_code_from_the_browser_reaches_the_workspace_and_back(
+        stack: Stack) -> None:
+    await stack.add()
+    async with client() as http:
+        ws = await http.ws_connect(ws_url(stack), headers=stack.headers())
+        await ws.close(code=4001, message=b"client bye")
+        # The echo image answers a close with the same code: it came through both ways.
+        assert ws.close_code == 4001
+
+
+async def test_close_code_from_the_workspace_reaches_the_browser(stack: Stack) -> None:
+    await stack.add()
+    async with client() as http, http.ws_connect(ws_url(stack), headers=stack.headers()) as ws:
+        await ws.send_str("close:4002")
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert msg.data == 4002
+        assert msg.extra == "bye"
+
+
+async def test_200_concurrent_sockets_relay_and_leave_nothing_behind(stack: Stack) -> None:
+    await stack.add()
+    gw = stack.gw
+    # Warm up once, so lazily created things (the session's connector) exist in the baseline.
+    async with client() as http, http.ws_connect(ws_url(stack), headers=stack.headers()) as ws:
+        await ws.send_str("warm")
+        await ws.receive()
+    await wait_for(lambda: not gw.activity.sockets)
+    tasks_before = len(asyncio.all_tasks())
+    fds_before = len(os.listdir("/proc/self/fd"))
+
+    async def one(http: aiohttp.ClientSession, i: int) -> None:
+        async with http.ws_connect(ws_url(stack), headers=stack.headers()) as ws:
+            for j in range(3):
+                await ws.send_str(f"{i}:{j}")
+                assert (await ws.receive(timeout=30)).data == f"{i}:{j}"
+            await ws.send_bytes(i.to_bytes(4, "big"))
+            assert (await ws.receive(timeout=30)).data == i.to_bytes(4, "big")
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with client(connector=connector) as http:
+        await asyncio.gather(*(one(http, i) for i in range(200)))
+    await wait_for(lambda: not gw.activity.sockets, timeout=20)
+    await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before, timeout=20)
+    await wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds_before + 2, timeout=20)
+
+
+async def test_workspace_vanishing_closes_the_browser_socket_with_1011(stack: Stack) -> None:
+    await stack.add()
+    gw = stack.gw
+    async with client() as http, http.ws_connect(ws_url(stack), headers=stack.headers()) as ws:
+        await ws.send_str("x")
+        await ws.receive()
+        # Cut every upstream WebSocket connection of the gateway without a close frame.
+        connector = gw.session.connector
+        assert connector is not None
+        for proto in list(connector._acquired):  # the relayed sockets' connections
+            if proto.transport is not None:
+                proto.transport.abort()
+        msg = await ws.receive(timeout=10)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == 1011
+    await wait_for(lambda: not gw.activity.sockets)
+
+
+async def test_upgrade_to_a_waking_workspace_is_refused_with_503(stack: Stack) -> None:
+    from codehub.model import Status
+
+    await stack.add(status=Status.WARM)
+    async with client() as http:
+        try:
+            await http.ws_connect(ws_url(stack), headers=stack.headers())
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 503
+        else:
+            raise AssertionError("the upgrade was accepted")
