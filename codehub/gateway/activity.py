@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from ..metrics import activity_flushed
 from ..store import Store
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Activity:
         if not self.marks:
             return 0
         marks, self.marks = self.marks, {}
+        oldest = min(marks.values())
         ids = list(marks)
         stamps = [datetime.fromtimestamp(marks[i], UTC) for i in ids]
         try:
@@ -81,6 +83,7 @@ class Activity:
         if self._failing:
             log.info("activity flush works again")
             self._failing = False
+        activity_flushed(max(0.0, self.clock() - oldest))
         return updated
 
     async def run(self) -> None:

@@ -34,6 +34,7 @@ import contextlib
 
 from aiohttp import web
 
+from ..metrics import PROXY_ERRORS, PROXY_REQUESTS
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 # Hop-by-hop headers, lower-case bytes (request side: raw headers are bytes).
@@ -169,9 +170,14 @@ async def proxy_http(pool: UpstreamPool, request: web.Request, host: str, port: 
                      target: str, fwd: Forwarding) -> web.StreamResponse:
     """Forward `request` to http://host:port`target`. Raises UpstreamError only when
     nothing was sent to the client yet."""
+    PROXY_REQUESTS.inc()
     body = _body_mode(request)
     head = request_head(request, target, fwd, host, port, body)
-    conn = await _exchange(pool, request, host, port, head, body)
+    try:
+        conn = await _exchange(pool, request, host, port, head, body)
+    except UpstreamError:
+        PROXY_ERRORS.inc()
+        raise
     headers = response_headers(conn.headers, conn.connection)
     if conn.complete:
         # The whole response is here (small bodies, HEAD, 204, 304): one Response.
@@ -189,6 +195,7 @@ async def proxy_http(pool: UpstreamPool, request: web.Request, host: str, port: 
             await resp.write(chunk)
         reusable = True
     except UpstreamError:
+        PROXY_ERRORS.inc()
         # The workspace broke off mid-body: make the client see a truncated response.
         if request.transport is not None:
             request.transport.abort()

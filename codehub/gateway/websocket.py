@@ -29,6 +29,7 @@ from typing import Literal
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from ..metrics import WEBSOCKETS_OPEN, WEBSOCKETS_OPENED
 from .activity import Activity
 from .proxy import Forwarding, connection_tokens
 
@@ -106,6 +107,8 @@ async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
         await upstream.close()
         raise
     activity.socket_opened(workspace_id)
+    WEBSOCKETS_OPENED.inc()
+    WEBSOCKETS_OPEN.inc()
     mark = activity.mark
     # One pump runs in this (the request's) task, the other in a task of its own: an idle
     # relayed socket costs one extra task, not two.
@@ -121,6 +124,7 @@ async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
             to_browser.cancel()
         await asyncio.gather(to_browser, return_exceptions=True)
         activity.socket_closed(workspace_id)
+        WEBSOCKETS_OPEN.dec()
         await _close(upstream, UPSTREAM_LOST, b"")
         await _close(browser, UPSTREAM_LOST, b"")
     return browser
