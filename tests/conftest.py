@@ -41,6 +41,9 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
+# Fixtures shared by the reconciler tests (a whole reconciler on real services).
+pytest_plugins = ["reconciler_stack"]
+
 from harness import images, services  # noqa: E402
 
 

@@ -24,9 +24,12 @@ from typing import Any
 
 import aiodocker
 import asyncpg
+import pytest
+from harness.services import DockerEngine
 
 from codehub import store as store_mod
 from codehub.clock import FakeClock
+from codehub.hints import RedisHintBus
 from codehub.interfaces import HintBus
 from codehub.model import DesiredState, Status, Workspace
 from codehub.reconciler.controller import Controller, Schedule
@@ -279,3 +282,18 @@ def leader_env(stack: Stack, *, database_url: str, redis_url: str,
         "CODEHUB_RECONCILER__MAX_FAILURES": "50",
     })
     return env
+
+
+@pytest.fixture
+async def stack(database_url: str, redis_url: str, s3_settings: dict[str, str],
+                docker_engine: DockerEngine, workspace_image: str,
+                docker_prefix: str) -> AsyncIterator[Stack]:
+    """A Stack on this test's database, Redis hints, bucket and Docker prefix."""
+    hints = RedisHintBus(redis_url, retry_delay=0.2)
+    try:
+        async with make_stack(database_url=database_url, hints=hints,
+                              s3_settings=s3_settings, docker_url=docker_engine.url,
+                              image=workspace_image, prefix=docker_prefix) as s:
+            yield s
+    finally:
+        await hints.close()

@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from harness.services import DockerEngine
-from reconciler_stack import Leader, Stack, leader_env, make_stack
+from reconciler_stack import Leader, Stack, leader_env
 
-from codehub.hints import RedisHintBus
 from codehub.model import DesiredState, Status
 
 FAILPOINTS = [
@@ -40,20 +38,6 @@ FAILPOINTS = [
 ]
 RANDOM_KILLS = int(os.environ.get("CODEHUB_CHAOS_RANDOM_KILLS", "4"))
 SEED = int(os.environ.get("CODEHUB_CHAOS_SEED", str(random.randrange(1 << 30))))
-
-
-@pytest.fixture
-async def stack(database_url: str, redis_url: str, s3_settings: dict[str, str],
-                docker_engine: DockerEngine, workspace_image: str,
-                docker_prefix: str) -> AsyncIterator[Stack]:
-    hints = RedisHintBus(redis_url)
-    try:
-        async with make_stack(database_url=database_url, hints=hints,
-                              s3_settings=s3_settings, docker_url=docker_engine.url,
-                              image=workspace_image, prefix=docker_prefix) as s:
-            yield s
-    finally:
-        await hints.close()
 
 
 async def converge(stack: Stack, leader: Leader, wid: str, status: Status | None,

@@ -4,32 +4,15 @@ two processes acting on one workspace (checked from the actions' own event log).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import orjson
-import pytest
 from harness.services import DockerEngine
-from reconciler_stack import Leader, Stack, leader_env, make_stack
+from reconciler_stack import Leader, Stack, leader_env
 
-from codehub.hints import RedisHintBus
 from codehub.model import DesiredState, Status
-
-
-@pytest.fixture
-async def stack(database_url: str, redis_url: str, s3_settings: dict[str, str],
-                docker_engine: DockerEngine, workspace_image: str,
-                docker_prefix: str) -> AsyncIterator[Stack]:
-    hints = RedisHintBus(redis_url)
-    try:
-        async with make_stack(database_url=database_url, hints=hints,
-                              s3_settings=s3_settings, docker_url=docker_engine.url,
-                              image=workspace_image, prefix=docker_prefix) as s:
-            yield s
-    finally:
-        await hints.close()
 
 
 async def is_leader(http: aiohttp.ClientSession, port: int) -> bool | None:

@@ -7,28 +7,10 @@ a FakeClock, so TTLs are crossed without sleeping.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
-from harness.services import DockerEngine
-from reconciler_stack import Stack, make_stack
+from reconciler_stack import Stack
 
-from codehub.hints import RedisHintBus
 from codehub.model import DesiredState, InstanceState, Operation, Status
-
-
-@pytest.fixture
-async def stack(database_url: str, redis_url: str, s3_settings: dict[str, str],
-                docker_engine: DockerEngine, workspace_image: str,
-                docker_prefix: str) -> AsyncIterator[Stack]:
-    hints = RedisHintBus(redis_url)
-    try:
-        async with make_stack(database_url=database_url, hints=hints,
-                              s3_settings=s3_settings, docker_url=docker_engine.url,
-                              image=workspace_image, prefix=docker_prefix) as s:
-            yield s
-    finally:
-        await hints.close()
 
 
 async def test_workspace_lives_through_every_tier_and_keeps_its_home(stack: Stack) -> None:

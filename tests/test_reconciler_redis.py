@@ -5,30 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
-from harness.services import DockerEngine, RedisServer
-from reconciler_stack import Stack, make_stack
+from harness.services import RedisServer
+from reconciler_stack import Stack
 
 from codehub import constants
-from codehub.hints import RedisHintBus
 from codehub.model import DesiredState, Status
-
-
-@pytest.fixture
-async def stack(database_url: str, redis_url: str, s3_settings: dict[str, str],
-                docker_engine: DockerEngine, workspace_image: str,
-                docker_prefix: str) -> AsyncIterator[Stack]:
-    hints = RedisHintBus(redis_url, retry_delay=0.2)
-    try:
-        async with make_stack(database_url=database_url, hints=hints,
-                              s3_settings=s3_settings, docker_url=docker_engine.url,
-                              image=workspace_image, prefix=docker_prefix) as s:
-            yield s
-    finally:
-        await hints.close()
 
 
 async def subscribers(url: str) -> int:
