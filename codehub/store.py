@@ -166,16 +166,19 @@ class Store:
     async def set_desired(
         self, workspace_id: str, desired: DesiredState, *,
         expect_status: Iterable[Status] | None = None,
+        expect_operation: Iterable[Operation] | None = None,
     ) -> Workspace | None:
-        """Ask for a new desired state; None when the row is gone or its status is not one
-        of `expect_status`."""
+        """Ask for a new desired state; None when the row is gone, its status is not one
+        of `expect_status` or its operation not one of `expect_operation`."""
         allowed = None if expect_status is None else [s.value for s in expect_status]
+        ops = None if expect_operation is None else [o.value for o in expect_operation]
         rec = await self.pool.fetchrow(
             "UPDATE workspaces SET desired_state = $2, generation = generation + 1,"
             " next_retry_at = NULL, updated_at = now()"
             " WHERE id = $1 AND ($3::text[] IS NULL OR status = ANY($3))"
+            " AND ($4::text[] IS NULL OR operation = ANY($4))"
             + _RETURNING,
-            workspace_id, desired.value, allowed)
+            workspace_id, desired.value, allowed, ops)
         return None if rec is None else _row(rec)
 
     async def set_ttls(

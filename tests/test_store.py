@@ -205,3 +205,18 @@ async def test_delete_row_requires_the_expected_status(db: Store) -> None:
     await settle(db, "w", Status.DELETED, DesiredState.DELETED)
     assert await db.delete_row("w", expect_status=Status.DELETED)
     assert await db.get("w") is None
+
+
+async def test_set_desired_refuses_a_row_whose_operation_is_not_expected(db: Store) -> None:
+    """Regression: a gateway wake racing the start of an archive must not end in an
+    automatic restore (COLD with desired RUNNING)."""
+    await db.create(id="w", owner="o", image_ref="i", desired_state=DesiredState.COLD)
+    await settle(db, "w", Status.WARM, DesiredState.COLD)
+    await db.pool.execute("UPDATE workspaces SET operation = 'ARCHIVING' WHERE id = 'w'")
+    awake = [o for o in Operation if o is not Operation.ARCHIVING]
+    assert await db.set_desired("w", DesiredState.RUNNING, expect_status=[Status.WARM],
+                                expect_operation=awake) is None
+    await db.pool.execute("UPDATE workspaces SET operation = 'NONE' WHERE id = 'w'")
+    ws = await db.set_desired("w", DesiredState.RUNNING, expect_status=[Status.WARM],
+                              expect_operation=awake)
+    assert ws is not None and ws.desired_state is DesiredState.RUNNING

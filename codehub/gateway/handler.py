@@ -44,6 +44,10 @@ from .websocket import UpstreamRefused, is_upgrade, relay
 MAX_ID_LENGTH = 128
 VERIFIED_CACHE = 10_000
 _WAKE_FROM = (Status.WARM, Status.RUNNING, Status.NEW)
+# A wake never rides on an archive or a delete already under way: the archive would end
+# COLD with RUNNING desired, i.e. an automatic restore, which only an admin may ask for.
+_WAKE_DURING = tuple(o for o in Operation if o not in (Operation.ARCHIVING,
+                                                       Operation.DELETING))
 _COLD_OPERATIONS = (Operation.ARCHIVING, Operation.RESTORING)
 
 
@@ -108,7 +112,8 @@ class Gateway:
         """Ask for RUNNING, record the access now (so the TTL sweep does not put the
         workspace straight back to sleep) and hint the reconciler."""
         row = await self.store.set_desired(workspace_id, DesiredState.RUNNING,
-                                           expect_status=_WAKE_FROM)
+                                           expect_status=_WAKE_FROM,
+                                           expect_operation=_WAKE_DURING)
         if row is None:
             return
         await self.store.flush_activity([workspace_id], [datetime.now(UTC)])
