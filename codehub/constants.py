@@ -13,6 +13,7 @@ HINT_CHANNEL = "codehub:hints"
 LABEL_MANAGED_BY = "codehub.managed-by"
 LABEL_MANAGED_BY_VALUE = "codehub"
 LABEL_WORKSPACE_ID = "codehub.workspace-id"
+LABEL_ROLE = "codehub.role"  # workspace container, home volume, storage helper
 
 # Archive object layout in the bucket.
 ARCHIVE_NAME = "home.tar.gz"

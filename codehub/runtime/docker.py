@@ -1,0 +1,438 @@
+"""Workspace containers on a Docker engine (aiodocker).
+
+Guarantees:
+- A workspace has at most one container, `<name_prefix><id>`, labelled
+  `codehub.managed-by=codehub`, `codehub.workspace-id=<id>`, `codehub.role=workspace`, on
+  one dedicated bridge network, home volume at /home/coder, no published ports, restart
+  policy "no", the configured memory/CPU limits and command.
+- `start()` is idempotent: a running container built from the same spec (image, volume,
+  command, limits, network, port: hashed into the `codehub.spec` label) is reused; a stopped,
+  failed, paused or different one is replaced, and so is one that has been running for
+  longer than `start_timeout` without answering its health check. It returns only once
+  the workspace answers HTTP 200 on `health_path` at its address on the network, and
+  raises `AdapterError` with the container's last log lines when it exits or
+  `start_timeout` passes first. An image that is neither present nor pullable is a
+  `PermanentError` naming it.
+- `stop()` and `delete()` force-remove the container; a missing one is fine. The volume
+  is never touched. A container of that name without our label is never removed
+  (PermanentError).
+- `start()` refuses (PermanentError) a volume that does not exist: Docker would otherwise
+  create an empty one and the workspace would come up on a blank home.
+- `get_status()` changes nothing and costs one inspect plus, for a running container, one
+  HTTP probe of at most `probe_timeout` seconds.
+- The network is created on first use when missing (bridge, `Internal: true`: workspaces
+  reach nothing outside it, and nothing outside reaches them but the host and containers
+  joined to it). When the gateway runs in a container (`gateway_container`), that container
+  is joined to the network so the addresses `resolve_upstream()` returns work from it too.
+
+Reachability: on a Linux engine the host holds the bridge's gateway address, so a process
+on the host reaches container addresses on an internal bridge directly (checked on Docker
+20.10; `Internal` only removes the route out and the NAT). The tests assert this.
+
+Lifecycle: call `close()` once at shutdown (it closes the HTTP session used for probes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aiodocker
+import aiohttp
+from aiodocker.volumes import DockerVolume
+
+from ..constants import (
+    LABEL_MANAGED_BY,
+    LABEL_MANAGED_BY_VALUE,
+    LABEL_ROLE,
+    LABEL_WORKSPACE_ID,
+)
+from ..interfaces import (
+    AdapterError,
+    InstanceController,
+    InstanceStatus,
+    ManagedResource,
+    PermanentError,
+    UpstreamInfo,
+)
+from ..model import InstanceState
+
+ROLE_WORKSPACE = "workspace"
+LABEL_SPEC = "codehub.spec"
+HOME = "/home/coder"
+DEFAULT_COMMAND = ("--auth", "none", "--bind-addr", "0.0.0.0:8080")
+LOG_LINES = 20
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _check_workspace_id(workspace_id: str) -> None:
+    if not _ID.match(workspace_id):
+        raise PermanentError(f"invalid workspace id {workspace_id!r}")
+
+
+def _docker_failure(what: str, exc: BaseException) -> AdapterError:
+    if isinstance(exc, aiodocker.DockerError):
+        return AdapterError(f"{what}: Docker said {exc.status}: {exc.message}")
+    return AdapterError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+_TRANSPORT_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, TimeoutError)
+
+
+def _age_seconds(started_at: str) -> float:
+    """Seconds since Docker's RFC 3339 `StartedAt` (nanoseconds cut to microseconds)."""
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$",
+                     started_at)
+    if match is None:
+        return 0.0
+    base, frac, zone = match.groups()
+    stamp = f"{base}.{(frac or '0')[:6].ljust(6, '0')}{'+00:00' if zone == 'Z' else zone}"
+    return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
+
+
+class DockerInstanceController(InstanceController):
+    """InstanceController that runs each workspace as one container."""
+
+    def __init__(
+        self,
+        *,
+        docker: aiodocker.Docker,
+        network: str = "codehub-workspaces",
+        name_prefix: str = "codehub-ws-",
+        memory_limit_bytes: int | None = None,
+        cpu_limit: float | None = None,
+        command: Sequence[str] = DEFAULT_COMMAND,
+        port: int = 8080,
+        health_path: str = "/healthz",
+        start_timeout: float = 60.0,
+        gateway_container: str | None = None,
+        probe_timeout: float = 1.0,
+        poll_interval: float = 0.25,
+    ) -> None:
+        """`memory_limit_bytes` / `cpu_limit` (cores, as NanoCpus) None or 0: no limit.
+        `command` is the container's Cmd (arguments to the image's entrypoint)."""
+        self._docker = docker
+        self.network = network
+        self._prefix = name_prefix
+        self._memory = memory_limit_bytes or None
+        self._cpus = cpu_limit or None
+        self._command = list(command)
+        self._port = port
+        self._health_path = health_path if health_path.startswith("/") else "/" + health_path
+        self._start_timeout = start_timeout
+        self._gateway_container = gateway_container or None
+        self._probe_timeout = probe_timeout
+        self._poll_interval = poll_interval
+        self._session: aiohttp.ClientSession | None = None
+        self._network_ready = False
+        self._network_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        """Release the probe session. Idempotent."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def container_name(self, workspace_id: str) -> str:
+        _check_workspace_id(workspace_id)
+        return f"{self._prefix}{workspace_id}"
+
+    # --- InstanceController ------------------------------------------------------------
+
+    async def start(self, workspace_id: str, image_ref: str, volume_name: str) -> None:
+        name = self.container_name(workspace_id)
+        await self._require_volume(volume_name)
+        await self._ensure_network()
+        spec = self._spec(image_ref, volume_name)
+        info = await self._inspect(name)
+        if info is None or not await self._reusable(info, spec):
+            if info is not None:
+                self._require_ours(info)
+                await self._remove(name)
+            await self._ensure_image(image_ref)
+            await self._create(name, workspace_id, image_ref, volume_name, spec)
+            try:
+                await self._docker.containers.container(name).start()
+            except aiodocker.DockerError as exc:
+                if exc.status != 304:  # 304: already started
+                    raise _docker_failure(f"starting {name}", exc) from exc
+        await self._wait_healthy(name)
+
+    async def stop(self, workspace_id: str) -> None:
+        name = self.container_name(workspace_id)
+        info = await self._inspect(name)
+        if info is not None:
+            self._require_ours(info)
+            await self._remove(name)
+
+    async def delete(self, workspace_id: str) -> None:
+        # Nothing else is per-workspace: the network is shared and the volume is storage's.
+        await self.stop(workspace_id)
+
+    async def get_status(self, workspace_id: str) -> InstanceStatus:
+        info = await self._inspect(self.container_name(workspace_id))
+        if info is None:
+            return InstanceStatus(InstanceState.MISSING)
+        state = info.get("State", {})
+        status = state.get("Status", "")
+        if state.get("Paused"):
+            return InstanceStatus(InstanceState.STOPPED, detail="paused")
+        if state.get("Running"):
+            address = self._address(info)
+            if address is not None and await self._probe(address):
+                return InstanceStatus(InstanceState.RUNNING)
+            return InstanceStatus(InstanceState.STARTING, detail=status)
+        code = int(state.get("ExitCode") or 0)
+        if status == "created" or code == 0:
+            return InstanceStatus(InstanceState.STOPPED, exit_code=code, detail=status)
+        detail = "out of memory" if state.get("OOMKilled") else (state.get("Error") or status)
+        return InstanceStatus(InstanceState.FAILED, exit_code=code, detail=detail)
+
+    async def resolve_upstream(self, workspace_id: str) -> UpstreamInfo:
+        name = self.container_name(workspace_id)
+        info = await self._inspect(name)
+        if info is None:
+            raise AdapterError(f"workspace {workspace_id} has no container")
+        if not info.get("State", {}).get("Running"):
+            raise AdapterError(f"container {name} is not running")
+        address = self._address(info)
+        if address is None:
+            raise AdapterError(f"container {name} has no address on network {self.network}")
+        return UpstreamInfo(host=address, port=self._port)
+
+    async def list_managed(self) -> list[ManagedResource]:
+        filters = {"label": [f"{LABEL_MANAGED_BY}={LABEL_MANAGED_BY_VALUE}",
+                             f"{LABEL_ROLE}={ROLE_WORKSPACE}"]}
+        try:
+            found = await self._docker.containers.list(all=True, filters=json.dumps(filters))
+        except _TRANSPORT_ERRORS as exc:
+            raise _docker_failure("listing containers", exc) from exc
+        out = []
+        for c in found:
+            names = [n.lstrip("/") for n in c["Names"]]
+            labels = c["Labels"] or {}
+            for n in names:
+                if n.startswith(self._prefix) and LABEL_WORKSPACE_ID in labels:
+                    out.append(ManagedResource("container", n, labels[LABEL_WORKSPACE_ID]))
+        return sorted(out, key=lambda r: r.name)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    async def _reusable(self, info: dict[str, Any], spec: str) -> bool:
+        """Running, unpaused, built from this spec, on our network, and not a container that
+        already had its whole start_timeout to become healthy and did not."""
+        state = info.get("State", {})
+        if not state.get("Running") or state.get("Paused"):
+            return False
+        if (info["Config"].get("Labels") or {}).get(LABEL_SPEC) != spec:
+            return False
+        if self.network not in (info["NetworkSettings"].get("Networks") or {}):
+            return False
+        if _age_seconds(state.get("StartedAt", "")) <= self._start_timeout:
+            return True
+        address = self._address(info)
+        return address is not None and await self._probe(address)
+
+    @staticmethod
+    def _require_ours(info: dict[str, Any]) -> None:
+        labels = info.get("Config", {}).get("Labels") or {}
+        if labels.get(LABEL_MANAGED_BY) != LABEL_MANAGED_BY_VALUE:
+            raise PermanentError(f"container {info.get('Name', '?').lstrip('/')} exists and "
+                                 "is not managed by CodeHub: refusing to touch it")
+
+    def _spec(self, image_ref: str, volume_name: str) -> str:
+        spec = {"image": image_ref, "volume": volume_name, "command": self._command,
+                "memory": self._memory, "cpus": self._cpus, "network": self.network,
+                "port": self._port}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _address(self, info: dict[str, Any]) -> str | None:
+        net = (info.get("NetworkSettings", {}).get("Networks") or {}).get(self.network) or {}
+        return net.get("IPAddress") or None
+
+    async def _inspect(self, name: str) -> dict[str, Any] | None:
+        try:
+            container = await self._docker.containers.get(name)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise _docker_failure(f"inspecting {name}", exc) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _docker_failure(f"inspecting {name}", exc) from exc
+        return container._container
+
+    async def _require_volume(self, volume_name: str) -> None:
+        """Docker would create a missing volume silently: never start on a blank home."""
+        try:
+            volume = DockerVolume(self._docker, volume_name)  # type: ignore[no-untyped-call]
+            await volume.show()  # type: ignore[no-untyped-call]
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                raise PermanentError(f"home volume {volume_name} does not exist") from exc
+            raise _docker_failure(f"inspecting volume {volume_name}", exc) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _docker_failure(f"inspecting volume {volume_name}", exc) from exc
+
+    async def _remove(self, name: str) -> None:
+        try:
+            await self._docker.containers.container(name).delete(force=True)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return
+            if exc.status == 409 and "already in progress" in exc.message:
+                return
+            raise _docker_failure(f"removing {name}", exc) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _docker_failure(f"removing {name}", exc) from exc
+
+    async def _create(self, name: str, workspace_id: str, image_ref: str, volume_name: str,
+                      spec: str) -> None:
+        host: dict[str, Any] = {
+            "NetworkMode": self.network,
+            "Mounts": [{"Type": "volume", "Source": volume_name, "Target": HOME}],
+            "RestartPolicy": {"Name": "no"},
+            "PortBindings": {},
+            "PublishAllPorts": False,
+        }
+        if self._memory:
+            host["Memory"] = self._memory
+            host["MemorySwap"] = self._memory  # no swap beyond the limit
+        if self._cpus:
+            host["NanoCpus"] = int(self._cpus * 1e9)
+        config: dict[str, Any] = {
+            "Image": image_ref,
+            "Cmd": self._command,
+            "Labels": {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID: workspace_id,
+                       LABEL_ROLE: ROLE_WORKSPACE, LABEL_SPEC: spec},
+            "HostConfig": host,
+            "NetworkingConfig": {"EndpointsConfig": {self.network: {}}},
+        }
+        for attempt in (1, 2):
+            try:
+                await self._docker.containers.create(config, name=name)
+                return
+            except aiodocker.DockerError as exc:
+                if attempt == 1 and exc.status == 409:  # raced with another create: replace
+                    await self._remove(name)
+                    continue
+                if attempt == 1 and exc.status == 404 and "network" in exc.message.lower():
+                    self._network_ready = False  # removed behind our back
+                    await self._ensure_network()
+                    continue
+                raise _docker_failure(f"creating {name}", exc) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise _docker_failure(f"creating {name}", exc) from exc
+
+    async def _ensure_image(self, image_ref: str) -> None:
+        try:
+            await self._docker.images.inspect(image_ref)
+            return
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                raise _docker_failure(f"inspecting image {image_ref}", exc) from exc
+        try:
+            answer = await self._docker.images.pull(image_ref)
+            errors = [m["error"] for m in answer if isinstance(m, dict) and m.get("error")]
+            if errors:
+                raise aiodocker.DockerError(500, "; ".join(errors))
+            await self._docker.images.inspect(image_ref)
+        except aiodocker.DockerError as exc:
+            raise PermanentError(f"image {image_ref!r} is not present and could not be "
+                                 f"pulled: {exc.message}") from exc
+
+    async def _ensure_network(self) -> None:
+        if self._network_ready:
+            return
+        async with self._network_lock:
+            if self._network_ready:
+                return
+            try:
+                await self._create_network_if_missing()
+                if self._gateway_container:
+                    await self._join_gateway()
+            except _TRANSPORT_ERRORS as exc:
+                raise _docker_failure(f"preparing network {self.network}", exc) from exc
+            self._network_ready = True
+
+    async def _create_network_if_missing(self) -> None:
+        try:
+            await self._docker.networks.get(self.network)
+            return
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                raise
+        try:
+            await self._docker.networks.create({
+                "Name": self.network, "Driver": "bridge", "Internal": True,
+                "CheckDuplicate": True,
+                "Labels": {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE},
+            })
+        except aiodocker.DockerError as exc:
+            if exc.status != 409:  # created concurrently
+                raise
+
+    async def _join_gateway(self) -> None:
+        assert self._gateway_container is not None
+        gateway = await self._docker.containers.get(self._gateway_container)
+        if self.network in (gateway["NetworkSettings"].get("Networks") or {}):
+            return
+        network = await self._docker.networks.get(self.network)
+        try:
+            await network.connect({"Container": self._gateway_container})
+        except aiodocker.DockerError as exc:
+            if "already exists" not in exc.message:
+                raise
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # force_close: container addresses come and go; never reuse a stale connection.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=0),
+                auto_decompress=False, trust_env=False)
+        return self._session
+
+    async def _probe(self, address: str) -> bool:
+        url = f"http://{address}:{self._port}{self._health_path}"
+        timeout = aiohttp.ClientTimeout(total=self._probe_timeout)
+        try:
+            async with self._http().get(url, timeout=timeout, allow_redirects=False) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def _wait_healthy(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._start_timeout
+        while True:
+            info = await self._inspect(name)
+            if info is None:
+                raise AdapterError(f"container {name} disappeared while starting")
+            state = info.get("State", {})
+            if not state.get("Running"):
+                raise AdapterError(
+                    f"container {name} exited with code {state.get('ExitCode')} while starting"
+                    f"{await self._log_tail(name)}")
+            address = self._address(info)
+            if address is not None and await self._probe(address):
+                return
+            if loop.time() >= deadline:
+                raise AdapterError(
+                    f"container {name} did not answer {self._health_path} on port {self._port} "
+                    f"within {self._start_timeout:g}s{await self._log_tail(name)}")
+            await asyncio.sleep(min(self._poll_interval, max(0.0, deadline - loop.time())))
+
+    async def _log_tail(self, name: str) -> str:
+        with contextlib.suppress(*_TRANSPORT_ERRORS):
+            lines = await self._docker.containers.container(name).log(
+                stdout=True, stderr=True, tail=LOG_LINES,
+                timeout=aiohttp.ClientTimeout(total=10))
+            text = "".join(lines).rstrip()
+            return f"; last log lines:\n{text}" if text else "; no log output"
+        return "; logs unavailable"

@@ -1,0 +1,675 @@
+"""Workspace homes as Docker volumes, archived to and restored from an ObjectStore.
+
+Guarantees:
+- Every volume and helper container made here carries `codehub.managed-by=codehub` and
+  `codehub.workspace-id=<id>`; a volume without our label is never deleted (PermanentError).
+- Nothing runs in any image: volumes are read and written through Docker's archive API on
+  a helper container that is created and never started (image `helper_image`, network
+  disabled, volume mounted with NoCopy so Docker never copies image files into a volume).
+  Helpers are named after their volume, so a re-run or `purge` removes what a killed
+  process left behind.
+- `archive()` deletes nothing. It returns only once the store's `head()` reports an object
+  whose size and sha256 equal those of the bytes streamed, and only for a tar stream that
+  ended with its end-of-archive marker (Docker ends the HTTP response normally even when
+  its tar writer failed midway; such an upload is aborted).
+- `restore()` fills a NEW volume `<prefix><id>-r<sha256[:12]>` and returns its name only
+  once every byte of the archive was streamed, the sha256 of what was read and the gzip
+  trailer matched, and Docker reported the extraction done. The archive is inflated here
+  and Docker gets the plain tar, whose last 64 KiB (the end-of-archive blocks among them)
+  are held back until the checksum is known: Docker never receives a complete tar that did
+  not verify. On a mismatch (IntegrityError) or any other failure the new volume is
+  removed; the archive is never touched. A re-run after a crash removes the half-made
+  volume of that name first.
+- `purge()` removes what it is given and ignores what is already gone.
+- Memory is bounded whatever the volume size: one chunk read ahead and one being
+  compressed (archive); one compressed chunk, at most one chunk of inflated output and
+  64 KiB held back (restore); plus what the ObjectStore buffers (S3: two parts).
+
+Archive format ("tar+gzip"): a single gzip member (plain `gzip -d` reads it) holding a tar
+whose one top-level entry `coder/` is the volume root itself (so its owner and mode
+survive a round trip), with the home's files below it. Compression and inflation run in a
+worker thread: isal (igzip, same format, several times faster than zlib) for levels 0-3
+when importable, zlib otherwise (and for levels 4-9).
+
+Failpoints (codehub.failpoints; each kills the process with SIGKILL when armed):
+- `archive.after_stream_start`: the first chunk of the volume's tar stream was read.
+- `archive.after_upload`: the object and its .meta are stored, nothing verified yet.
+- `archive.after_verify`: verified, before returning.
+- `restore.after_download_start`: the first chunk was sent to Docker (volume half made).
+- `restore.after_extract`: Docker finished extracting, helper not yet removed.
+- `restore.before_return`: everything done but returning the new volume's name.
+- `purge.before_volume_delete`: helpers removed, the volume about to be deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import re
+import time
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiodocker
+import aiohttp
+from aiodocker.volumes import DockerVolume
+
+from ..constants import (
+    ARCHIVE_FORMAT,
+    LABEL_MANAGED_BY,
+    LABEL_MANAGED_BY_VALUE,
+    LABEL_ROLE,
+    LABEL_WORKSPACE_ID,
+    archive_key,
+)
+from ..failpoints import failpoint
+from ..interfaces import (
+    AdapterError,
+    ArchiveInfo,
+    IntegrityError,
+    ManagedResource,
+    ObjectStore,
+    PermanentError,
+    Progress,
+    ProgressCallback,
+    StorageProvider,
+)
+from ..model import VolumeState
+
+isal_zlib: Any
+try:
+    from isal import isal_zlib
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
+    isal_zlib = None
+
+ROLE_HOME = "home"
+ROLE_HELPER = "storage-helper"
+LABEL_RESTORED_FROM = "codehub.restored-from-sha256"
+
+MOUNT = "/home/coder"  # where helpers mount the volume; its basename is the archive's top
+_MOUNT_PARENT = "/home"
+HOLD_BACK = 64 * 1024
+PROGRESS_INTERVAL = 0.5  # seconds
+_END_OF_TAR = bytes(1024)  # two zero blocks
+_STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_workspace_id(workspace_id: str) -> None:
+    """Reject ids that would not make a valid (and unambiguous) Docker object name."""
+    if not _ID.match(workspace_id):
+        raise PermanentError(f"invalid workspace id {workspace_id!r}")
+
+
+@contextlib.contextmanager
+def _docker_errors(what: str) -> Iterator[None]:
+    """Engine and transport failures are worth retrying; say what we were doing."""
+    try:
+        yield
+    except aiodocker.DockerError as exc:
+        raise AdapterError(f"{what}: Docker said {exc.status}: {exc.message}") from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise AdapterError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+class _Reporter:
+    """Passes progress on at most once per PROGRESS_INTERVAL seconds; the first and the last
+    value of every phase always get through."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self._callback = callback
+        self._phase: str | None = None
+        self._last = 0.0
+        self._held: Progress | None = None
+
+    async def __call__(self, phase: str, done: int, total: int | None) -> None:
+        if self._callback is None:
+            return
+        now = time.monotonic()
+        progress = Progress(phase, done, total)
+        if phase != self._phase:
+            await self.flush()
+            self._phase = phase
+        elif now - self._last < PROGRESS_INTERVAL:
+            self._held = progress
+            return
+        self._held = None
+        self._last = now
+        await self._emit(progress)
+
+    async def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            await self._emit(held)
+
+    async def _emit(self, progress: Progress) -> None:
+        assert self._callback is not None
+        result = self._callback(progress)
+        if inspect.isawaitable(result):
+            await result
+
+
+def _compressor(level: int) -> Any:
+    """A gzip-framing (wbits 31) compressobj: isal for levels 0-3, zlib otherwise."""
+    if isal_zlib is not None and 0 <= level <= 3:
+        return isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
+    return zlib.compressobj(level, zlib.DEFLATED, 31)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Size and sha256 of the compressed bytes produced. Only ever used by one thread at
+    a time: each block is compressed after the previous one finished."""
+
+    sha256: Any = field(default_factory=hashlib.sha256)
+    size: int = 0
+
+    def compress(self, comp: Any, block: bytes) -> bytes:
+        out: bytes = comp.compress(block)
+        self.sha256.update(out)
+        self.size += len(out)
+        return out
+
+    def flush(self, comp: Any) -> bytes:
+        out: bytes = comp.flush()
+        self.sha256.update(out)
+        self.size += len(out)
+        return out
+
+
+_INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error,) + (
+    (isal_zlib.error,) if isal_zlib is not None else ())
+
+
+class _Inflater:
+    """Hashes the compressed stream and inflates it with bounded output per call. Only ever
+    used by one thread at a time (each call is awaited before the next is made)."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.sha256 = hashlib.sha256()
+        self._what = what
+        self._d = (isal_zlib or zlib).decompressobj(31)
+        self._limit = limit
+
+    @property
+    def pending(self) -> bool:
+        """Input is left that did not fit under the output limit: call `more()`."""
+        return bool(self._d.unconsumed_tail)
+
+    def first(self, chunk: bytes) -> bytes:
+        self.sha256.update(chunk)
+        return self._inflate(chunk)
+
+    def more(self) -> bytes:
+        return self._inflate(self._d.unconsumed_tail)
+
+    def _inflate(self, data: bytes) -> bytes:
+        try:
+            out: bytes = self._d.decompress(data, self._limit)
+        except _INFLATE_ERRORS as exc:
+            raise IntegrityError(f"{self._what} is not valid gzip: {exc}") from exc
+        return out
+
+    def finish(self) -> bytes:
+        """The last output; IntegrityError unless exactly one complete gzip member came."""
+        try:
+            out: bytes = self._d.flush()
+        except _INFLATE_ERRORS as exc:
+            raise IntegrityError(f"{self._what} is not valid gzip: {exc}") from exc
+        if not self._d.eof:
+            raise IntegrityError(f"{self._what} ends before its gzip trailer")
+        if self._d.unused_data:
+            raise IntegrityError(f"{self._what} has data after its gzip member")
+        return out
+
+
+@dataclass(slots=True)
+class _Feed:
+    """What the restore body generator learned; read after Docker answered."""
+
+    received: int = 0
+    verified: bool = False
+    error: BaseException | None = None
+
+
+async def _read_block(content: aiohttp.StreamReader, size: int) -> bytes:
+    """At least `size` bytes (fewer only at the end of the stream), gathered from whatever
+    the connection has buffered: `readany()` hands over buffered pieces without copying."""
+    pieces: list[bytes] = []
+    got = 0
+    while got < size:
+        piece = await content.readany()
+        if not piece:
+            break
+        pieces.append(piece)
+        got += len(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+class DockerVolumeStorage(StorageProvider):
+    """StorageProvider on local Docker volumes with archives in an ObjectStore."""
+
+    def __init__(
+        self,
+        *,
+        docker: aiodocker.Docker,
+        objects: ObjectStore,
+        helper_image: str,
+        compression_level: int = 1,
+        volume_prefix: str = "codehub-home-",
+        chunk_size: int = 1024 * 1024,
+    ) -> None:
+        """`helper_image` must be present locally (or pullable); nothing ever runs in it.
+        `chunk_size` is the unit read from Docker and compressed at a time."""
+        if not 0 <= compression_level <= 9:
+            raise ValueError("compression_level must be within 0..9")
+        if not helper_image:
+            raise ValueError("helper_image is required")
+        self._docker = docker
+        self._objects = objects
+        self._helper_image = helper_image
+        self._level = compression_level
+        self._prefix = volume_prefix
+        self._chunk_size = chunk_size
+        self._helper_image_ok = False
+
+    # --- names -------------------------------------------------------------------------
+
+    def volume_name(self, workspace_id: str) -> str:
+        """The name `provision()` gives a workspace's first home volume."""
+        check_workspace_id(workspace_id)
+        return f"{self._prefix}{workspace_id}"
+
+    def restored_volume_name(self, workspace_id: str, sha256: str) -> str:
+        """The name `restore()` gives the volume made from an archive with this sha256:
+        deterministic, so a re-run after a crash finds what the killed run half made."""
+        return f"{self.volume_name(workspace_id)}-r{sha256[:12]}"
+
+    @staticmethod
+    def archive_key(workspace_id: str) -> str:
+        check_workspace_id(workspace_id)
+        return archive_key(workspace_id)
+
+    # --- StorageProvider ---------------------------------------------------------------
+
+    async def provision(self, workspace_id: str) -> str:
+        name = self.volume_name(workspace_id)
+        info = await self._inspect_volume(name)
+        if info is None:
+            info = await self._create_volume(name, workspace_id, {})
+        self._require_ours(info, workspace_id)
+        return name
+
+    async def get_volume_status(self, workspace_id: str, home_store_key: str) -> VolumeState:
+        info = await self._inspect_volume(home_store_key)
+        return VolumeState.MISSING if info is None else VolumeState.PRESENT
+
+    async def archive(
+        self,
+        workspace_id: str,
+        home_store_key: str,
+        progress: ProgressCallback | None = None,
+    ) -> ArchiveInfo:
+        key = self.archive_key(workspace_id)
+        info = await self._inspect_volume(home_store_key)
+        if info is None:
+            raise PermanentError(f"volume {home_store_key} of {workspace_id} does not exist")
+        self._require_ours(info, workspace_id)
+        helper = await self._create_helper(home_store_key, workspace_id, "archiver",
+                                           read_only=True)
+        report = _Reporter(progress)
+        try:
+            tally = _Tally()
+            chunks = self._gzip_tar(helper, tally, report)
+            try:
+                stored = await self._objects.put_stream(key, chunks, fmt=ARCHIVE_FORMAT)
+            finally:
+                await chunks.aclose()
+            failpoint("archive.after_upload")
+            digest = tally.sha256.hexdigest()
+            await report("verifying", tally.size, tally.size)
+            head = await self._objects.head(key)
+            for what, meta in (("put", stored), ("head", head)):
+                if meta is None or meta.size != tally.size or meta.sha256 != digest:
+                    raise IntegrityError(
+                        f"archive {key} does not verify ({what}: {meta}); streamed "
+                        f"{tally.size} bytes with sha256 {digest}")
+            assert head is not None
+            failpoint("archive.after_verify")
+            return ArchiveInfo(key=key, size=head.size, sha256=head.sha256,
+                               created_at=head.created_at)
+        finally:
+            await asyncio.shield(self._remove_container_quietly(helper))
+
+    async def _gzip_tar(self, helper: str, tally: _Tally,
+                        report: _Reporter) -> AsyncGenerator[bytes, None]:
+        """The volume as a gzipped tar. Reading block N+1 from Docker and handing block N-1
+        to the consumer overlap with compressing block N in a worker thread.
+
+        Raises (so the upload is aborted) unless the tar ends with its end-of-archive marker:
+        Docker still ends the HTTP response normally when its tar writer fails midway.
+        """
+        loop = asyncio.get_running_loop()
+        comp = _compressor(self._level)
+        read = 0
+        tail = b""
+        pending: asyncio.Future[bytes] | None = None
+        with _docker_errors(f"reading volume through {helper}"):
+            async with self._docker._query(
+                f"containers/{helper}/archive", params={"path": MOUNT}, timeout=_STREAM_TIMEOUT,
+                # Without this Docker gzips the tar itself (one Go thread, ~30 MB/s) only
+                # for aiohttp to inflate it again.
+                headers={"Accept-Encoding": "identity"},
+            ) as resp:
+                # Closed however we leave: while Docker still writes the stream it holds the
+                # helper's lock, and removing the helper would wait forever.
+                with contextlib.closing(resp):
+                    while True:
+                        block = await _read_block(resp.content, self._chunk_size)
+                        out = b"" if pending is None else await pending
+                        pending = None
+                        if block:
+                            if read == 0:
+                                failpoint("archive.after_stream_start")
+                            read += len(block)
+                            tail = (tail + block[-len(_END_OF_TAR):])[-len(_END_OF_TAR):]
+                            pending = loop.run_in_executor(None, tally.compress, comp, block)
+                        if out:
+                            yield out
+                        if not block:
+                            break
+                        await report("reading", read, None)
+        if tail != _END_OF_TAR:
+            raise AdapterError(f"the tar stream of {helper} ended without its end-of-archive "
+                               f"marker after {read} bytes")
+        last = await loop.run_in_executor(None, tally.flush, comp)
+        if last:
+            yield last
+
+    async def restore(
+        self,
+        workspace_id: str,
+        archive_key: str,
+        expected_sha256: str,
+        progress: ProgressCallback | None = None,
+    ) -> str:
+        check_workspace_id(workspace_id)
+        expected = expected_sha256.lower()
+        if not _SHA256.match(expected):
+            raise PermanentError(f"invalid sha256 {expected_sha256!r}")
+        meta = await self._objects.head(archive_key)
+        if meta is None:
+            raise PermanentError(f"archive {archive_key} of {workspace_id} does not exist")
+        if meta.format != ARCHIVE_FORMAT:
+            raise PermanentError(f"archive {archive_key} has unknown format {meta.format!r}")
+        if meta.sha256 != expected:
+            raise IntegrityError(f"archive {archive_key}: stored meta says sha256 "
+                                 f"{meta.sha256}, expected {expected}")
+        volume = self.restored_volume_name(workspace_id, expected)
+        report = _Reporter(progress)
+        await self._discard_volume(volume, workspace_id)
+        try:
+            await self._create_volume(volume, workspace_id, {LABEL_RESTORED_FROM: expected})
+            helper = await self._create_helper(volume, workspace_id, "restorer",
+                                               read_only=False)
+            await self._extract(helper, archive_key, meta.size, expected, report)
+            failpoint("restore.after_extract")
+            await self._remove_container(helper)
+            failpoint("restore.before_return")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._discard_volume(volume, workspace_id))
+            raise
+        return volume
+
+    async def _extract(self, helper: str, key: str, size: int, expected: str,
+                       report: _Reporter) -> None:
+        """Stream the archive into Docker's put-archive, hashing as it flows."""
+        feed = _Feed()
+        try:
+            with _docker_errors(f"extracting {key} through {helper}"):
+                async with self._docker._query(
+                    f"containers/{helper}/archive", "PUT", params={"path": _MOUNT_PARENT},
+                    data=self._verified_body(key, size, expected, feed, report),
+                    headers={"Content-Type": "application/x-tar"},
+                    timeout=_STREAM_TIMEOUT, chunked=True,
+                ) as resp:
+                    with contextlib.closing(resp):
+                        await resp.read()
+        except AdapterError:
+            # The body's own failure (a checksum mismatch, a store error) is the real cause.
+            if isinstance(feed.error, AdapterError):
+                raise feed.error from None
+            raise
+        if feed.error is not None:
+            raise feed.error
+        if not feed.verified:
+            raise AdapterError(f"Docker finished extracting {key} before it was fully streamed")
+
+    async def _verified_body(self, key: str, size: int, expected: str, feed: _Feed,
+                             report: _Reporter) -> AsyncIterator[bytes]:
+        """The archive's tar for Docker: hashed as it flows and inflated here (isal, in a
+        worker thread; letting Docker inflate through its own unpigz pipe costs about a
+        quarter of restore throughput).
+
+        Invariant: the final HOLD_BACK bytes of the tar (its end-of-archive blocks among them)
+        are yielded only after the whole object was read and its size, sha256 and gzip
+        trailer matched, so a mismatch always ends in an aborted, incomplete request.
+        """
+        inflater = _Inflater(self._chunk_size, f"archive {key} (expected sha256 {expected})")
+        held = b""
+        first = True
+        stream = self._objects.get_stream(key)
+        try:
+            async for chunk in stream:
+                feed.received += len(chunk)
+                out = await asyncio.to_thread(inflater.first, chunk)
+                while True:
+                    held += out
+                    if len(held) > HOLD_BACK:
+                        send, held = held[:-HOLD_BACK], held[-HOLD_BACK:]
+                        yield send
+                        if first:
+                            first = False
+                            failpoint("restore.after_download_start")
+                    if not inflater.pending:
+                        break
+                    out = await asyncio.to_thread(inflater.more)
+                await report("downloading", feed.received, size)
+            held += await asyncio.to_thread(inflater.finish)
+            digest = inflater.sha256.hexdigest()
+            if feed.received != size or digest != expected:
+                raise IntegrityError(
+                    f"archive {key} does not verify: read {feed.received} bytes with sha256 "
+                    f"{digest}, expected {size} bytes with sha256 {expected}")
+            feed.verified = True
+            if held:
+                yield held
+            await report("extracting", feed.received, size)
+        except Exception as exc:
+            feed.error = exc
+            raise
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def purge(self, home_store_key: str | None, archive_key: str | None) -> None:
+        if home_store_key is not None:
+            await self._remove_helpers(home_store_key)
+            info = await self._inspect_volume(home_store_key)
+            if info is not None:
+                self._require_ours(info, None)
+                failpoint("purge.before_volume_delete")
+                await self._delete_volume(home_store_key)
+        if archive_key is not None:
+            await self._objects.delete(archive_key)
+
+    async def list_managed(self) -> list[ManagedResource]:
+        with _docker_errors("listing volumes"):
+            answer = await self._docker.volumes.list(  # type: ignore[no-untyped-call]
+                filters={"label": [f"{LABEL_MANAGED_BY}={LABEL_MANAGED_BY_VALUE}"]})
+        found = []
+        for vol in answer.get("Volumes") or []:
+            labels = vol.get("Labels") or {}
+            if vol["Name"].startswith(self._prefix) and LABEL_WORKSPACE_ID in labels:
+                found.append(ManagedResource("volume", vol["Name"], labels[LABEL_WORKSPACE_ID]))
+        return sorted(found, key=lambda r: r.name)
+
+    # --- volumes -----------------------------------------------------------------------
+
+    async def _inspect_volume(self, name: str) -> dict[str, Any] | None:
+        try:
+            volume = DockerVolume(self._docker, name)  # type: ignore[no-untyped-call]
+            info: dict[str, Any] = await volume.show()  # type: ignore[no-untyped-call]
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise AdapterError(f"inspecting volume {name}: Docker said {exc.status}: "
+                               f"{exc.message}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AdapterError(f"inspecting volume {name}: {exc!r}") from exc
+        return info
+
+    async def _create_volume(self, name: str, workspace_id: str,
+                             extra: dict[str, str]) -> dict[str, Any]:
+        labels = {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID: workspace_id,
+                  LABEL_ROLE: ROLE_HOME, **extra}
+        with _docker_errors(f"creating volume {name}"):
+            await self._docker.volumes.create(  # type: ignore[no-untyped-call]
+                {"Name": name, "Driver": "local", "Labels": labels})
+        info = await self._inspect_volume(name)
+        if info is None:
+            raise AdapterError(f"volume {name} vanished right after it was created")
+        # Creating an existing volume returns it unchanged: make sure it is ours.
+        self._require_ours(info, workspace_id)
+        return info
+
+    @staticmethod
+    def _require_ours(info: dict[str, Any], workspace_id: str | None) -> None:
+        labels = info.get("Labels") or {}
+        if labels.get(LABEL_MANAGED_BY) != LABEL_MANAGED_BY_VALUE:
+            raise PermanentError(f"volume {info.get('Name')} is not managed by CodeHub")
+        if workspace_id is not None and labels.get(LABEL_WORKSPACE_ID) != workspace_id:
+            raise PermanentError(f"volume {info.get('Name')} belongs to workspace "
+                                 f"{labels.get(LABEL_WORKSPACE_ID)!r}, not {workspace_id!r}")
+
+    async def _delete_volume(self, name: str) -> None:
+        try:
+            volume = DockerVolume(self._docker, name)  # type: ignore[no-untyped-call]
+            await volume.delete()  # type: ignore[no-untyped-call]
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return
+            # 409: still in use by a container that is not one of our helpers.
+            raise AdapterError(f"deleting volume {name}: Docker said {exc.status}: "
+                               f"{exc.message}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AdapterError(f"deleting volume {name}: {exc!r}") from exc
+
+    async def _discard_volume(self, name: str, workspace_id: str) -> None:
+        """Remove a half-made volume of ours (and its helpers); refuse anything else."""
+        await self._remove_helpers(name)
+        info = await self._inspect_volume(name)
+        if info is None:
+            return
+        self._require_ours(info, workspace_id)
+        await self._delete_volume(name)
+
+    # --- helper containers -------------------------------------------------------------
+
+    async def _create_helper(self, volume: str, workspace_id: str, role: str, *,
+                             read_only: bool) -> str:
+        """A created-never-started container mounting `volume` at MOUNT; returns its name."""
+        name = f"{volume}-{role}"
+        await self._remove_stale_helper(name)
+        config: dict[str, Any] = {
+            "Image": self._helper_image,
+            "Entrypoint": ["/codehub-helper-is-never-started"],
+            "Labels": {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE,
+                       LABEL_WORKSPACE_ID: workspace_id, LABEL_ROLE: ROLE_HELPER},
+            "NetworkDisabled": True,
+            "HostConfig": {
+                "NetworkMode": "none",
+                "Mounts": [{"Type": "volume", "Source": volume, "Target": MOUNT,
+                            "ReadOnly": read_only, "VolumeOptions": {"NoCopy": True}}],
+            },
+        }
+        await self._ensure_helper_image()
+        for attempt in (1, 2):
+            try:
+                await self._docker.containers.create(config, name=name)
+                return name
+            except aiodocker.DockerError as exc:
+                if exc.status == 409 and attempt == 1:  # a concurrent leftover: replace it
+                    await self._remove_container(name)
+                    continue
+                raise AdapterError(f"creating helper {name}: Docker said {exc.status}: "
+                                   f"{exc.message}") from exc
+        raise AssertionError("unreachable")
+
+    async def _remove_stale_helper(self, name: str) -> None:
+        """Remove a helper a killed run left under `name`; refuse a container not ours."""
+        try:
+            existing = await self._docker.containers.get(name)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return
+            raise AdapterError(f"inspecting container {name}: {exc.message}") from exc
+        labels = existing["Config"].get("Labels") or {}
+        if labels.get(LABEL_ROLE) != ROLE_HELPER or labels.get(LABEL_MANAGED_BY) != \
+                LABEL_MANAGED_BY_VALUE:
+            raise PermanentError(f"container {name} exists and is not a CodeHub helper")
+        await self._remove_container(name)
+
+    async def _ensure_helper_image(self) -> None:
+        if self._helper_image_ok:
+            return
+        image = self._helper_image
+        try:
+            await self._docker.images.inspect(image)
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                raise AdapterError(f"inspecting image {image}: {exc.message}") from exc
+            await _pull_once(self._docker, image)
+        self._helper_image_ok = True
+
+    async def _remove_container(self, name: str) -> None:
+        try:
+            await self._docker.containers.container(name).delete(force=True)
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                raise AdapterError(f"removing container {name}: {exc.message}") from exc
+
+    async def _remove_container_quietly(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._remove_container(name)
+
+    async def _remove_helpers(self, volume: str) -> None:
+        """Remove our helper containers that mount `volume` (they pin it)."""
+        filters = {"label": [f"{LABEL_MANAGED_BY}={LABEL_MANAGED_BY_VALUE}",
+                             f"{LABEL_ROLE}={ROLE_HELPER}"],
+                   "volume": [volume]}
+        with _docker_errors(f"listing helpers of {volume}"):
+            helpers = await self._docker.containers.list(all=True, filters=json.dumps(filters))
+        for helper in helpers:
+            await self._remove_container(helper.id)
+
+
+async def _pull_once(docker: aiodocker.Docker, image: str) -> None:
+    """Pull `image`; when that fails the image is not coming: PermanentError naming it."""
+    try:
+        answer = await docker.images.pull(image)
+        errors = [m["error"] for m in answer if isinstance(m, dict) and m.get("error")]
+        if errors:
+            raise aiodocker.DockerError(500, "; ".join(errors))
+        await docker.images.inspect(image)
+    except aiodocker.DockerError as exc:
+        raise PermanentError(f"image {image!r} is not present and could not be pulled: "
+                             f"{exc.message}") from exc

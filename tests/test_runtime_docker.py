@@ -1,0 +1,361 @@
+"""DockerInstanceController against the real Docker engine and the echo workspace image.
+
+Each test is named after a guarantee of codehub/runtime/docker.py. Every Docker object a
+test makes has `docker_prefix` in its name, so the fixture removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiodocker
+import aiohttp
+import pytest
+
+from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
+from codehub.interfaces import AdapterError, PermanentError
+from codehub.model import InstanceState
+from codehub.runtime.docker import DockerInstanceController
+
+pytestmark = pytest.mark.timeout(300)
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def docker(docker_engine: Any) -> AsyncIterator[aiodocker.Docker]:
+    client = aiodocker.Docker(url=docker_engine.url)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def make_controller(docker: aiodocker.Docker, prefix: str, **overrides: Any
+                    ) -> DockerInstanceController:
+    kwargs: dict[str, Any] = {
+        "docker": docker,
+        "network": f"{prefix}-net",
+        "name_prefix": f"{prefix}-ws-",
+        "memory_limit_bytes": 256 * MiB,
+        "cpu_limit": 0.5,
+        "start_timeout": 30.0,
+    }
+    kwargs.update(overrides)
+    return DockerInstanceController(**kwargs)
+
+
+@pytest.fixture
+async def controller(docker: aiodocker.Docker, docker_prefix: str
+                     ) -> AsyncIterator[DockerInstanceController]:
+    ctl = make_controller(docker, docker_prefix)
+    try:
+        yield ctl
+    finally:
+        await ctl.close()
+
+
+async def new_volume(docker: aiodocker.Docker, name: str) -> str:
+    await docker.volumes.create({"Name": name})
+    return name
+
+
+@pytest.fixture
+async def volume(docker: aiodocker.Docker, docker_prefix: str) -> str:
+    return await new_volume(docker, f"{docker_prefix}-home-w1")
+
+
+async def inspect(docker: aiodocker.Docker, name: str) -> dict[str, Any]:
+    container = await docker.containers.get(name)
+    return container._container
+
+
+async def http_get(host: str, port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://{host}:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_start_is_idempotent_and_reuses_the_running_container(
+        controller: DockerInstanceController, docker: aiodocker.Docker, volume: str,
+        workspace_image: str, docker_prefix: str) -> None:
+    await controller.start("w1", workspace_image, volume)
+    first = await inspect(docker, f"{docker_prefix}-ws-w1")
+    await controller.start("w1", workspace_image, volume)
+    second = await inspect(docker, f"{docker_prefix}-ws-w1")
+    assert first["Id"] == second["Id"]
+    assert second["State"]["StartedAt"] == first["State"]["StartedAt"]
+
+    for _ in range(2):
+        status = await controller.get_status("w1")
+        assert status.state is InstanceState.RUNNING
+    upstreams = [await controller.resolve_upstream("w1") for _ in range(2)]
+    assert upstreams[0] == upstreams[1]
+    assert upstreams[0].port == 8080
+    code, body = await http_get(upstreams[0].host, upstreams[0].port, "/healthz")
+    assert code == 200 and "alive" in body
+
+
+async def test_container_shape_labels_limits_mount_and_no_published_ports(
+        controller: DockerInstanceController, docker: aiodocker.Docker, volume: str,
+        workspace_image: str, docker_prefix: str) -> None:
+    await controller.start("w1", workspace_image, volume)
+    info = await inspect(docker, f"{docker_prefix}-ws-w1")
+    labels = info["Config"]["Labels"]
+    assert labels[LABEL_MANAGED_BY] == "codehub"
+    assert labels[LABEL_WORKSPACE_ID] == "w1"
+    assert info["Config"]["Cmd"] == ["--auth", "none", "--bind-addr", "0.0.0.0:8080"]
+    host = info["HostConfig"]
+    assert host["RestartPolicy"]["Name"] == "no"
+    assert host["Memory"] == 256 * MiB
+    assert host["NanoCpus"] == 500_000_000
+    assert not host.get("PortBindings")
+    assert not host.get("PublishAllPorts")
+    assert not info["NetworkSettings"].get("Ports")
+    mounts = [(m["Type"], m["Name"], m["Destination"]) for m in info["Mounts"]]
+    assert mounts == [("volume", volume, "/home/coder")]
+    assert list(info["NetworkSettings"]["Networks"]) == [f"{docker_prefix}-net"]
+
+    net = await (await docker.networks.get(f"{docker_prefix}-net")).show()
+    assert net["Internal"] is True
+    assert net["Driver"] == "bridge"
+    assert net["Labels"][LABEL_MANAGED_BY] == "codehub"
+
+
+async def test_host_reaches_workspace_on_the_internal_network(
+        controller: DockerInstanceController, volume: str, workspace_image: str) -> None:
+    """The gateway on the host must reach container addresses on an Internal bridge."""
+    await controller.start("w1", workspace_image, volume)
+    upstream = await controller.resolve_upstream("w1")
+    code, body = await http_get(upstream.host, upstream.port, "/_echo/info")
+    assert code == 200
+    assert '"uid": 1000' in body or '"uid":1000' in body
+
+
+async def test_stop_and_delete_are_idempotent_and_leave_the_volume(
+        controller: DockerInstanceController, docker: aiodocker.Docker, volume: str,
+        workspace_image: str) -> None:
+    await controller.start("w1", workspace_image, volume)
+    for _ in range(2):
+        await controller.stop("w1")
+        assert (await controller.get_status("w1")).state is InstanceState.MISSING
+    with pytest.raises(AdapterError):
+        await controller.resolve_upstream("w1")
+    await controller.start("w1", workspace_image, volume)
+    for _ in range(2):
+        await controller.delete("w1")
+        assert (await controller.get_status("w1")).state is InstanceState.MISSING
+    await docker.volumes.get(volume)  # still there
+
+
+async def test_start_replaces_a_container_killed_behind_our_back(
+        controller: DockerInstanceController, docker: aiodocker.Docker, volume: str,
+        workspace_image: str, docker_prefix: str) -> None:
+    await controller.start("w1", workspace_image, volume)
+    name = f"{docker_prefix}-ws-w1"
+    old = await inspect(docker, name)
+    await docker.containers.container(name).kill()
+    await docker.containers.container(name).wait()
+    for _ in range(2):
+        status = await controller.get_status("w1")
+        assert status.state is InstanceState.FAILED
+        assert status.exit_code == 137
+    with pytest.raises(AdapterError):
+        await controller.resolve_upstream("w1")
+
+    await controller.start("w1", workspace_image, volume)
+    new = await inspect(docker, name)
+    assert new["Id"] != old["Id"]
+    assert (await controller.get_status("w1")).state is InstanceState.RUNNING
+    await controller.start("w1", workspace_image, volume)
+    assert (await inspect(docker, name))["Id"] == new["Id"]
+
+
+async def test_start_recreates_a_container_removed_behind_our_back(
+        controller: DockerInstanceController, docker: aiodocker.Docker, volume: str,
+        workspace_image: str, docker_prefix: str) -> None:
+    await controller.start("w1", workspace_image, volume)
+    await docker.containers.container(f"{docker_prefix}-ws-w1").delete(force=True)
+    for _ in range(2):
+        assert (await controller.get_status("w1")).state is InstanceState.MISSING
+    for _ in range(2):
+        with pytest.raises(AdapterError):
+            await controller.resolve_upstream("w1")
+    await controller.stop("w1")
+    await controller.delete("w1")
+    for _ in range(2):
+        await controller.start("w1", workspace_image, volume)
+        assert (await controller.get_status("w1")).state is InstanceState.RUNNING
+
+
+async def test_stopped_container_reports_stopped_and_start_replaces_it(
+        controller: DockerInstanceController, docker: aiodocker.Docker, volume: str,
+        workspace_image: str, docker_prefix: str) -> None:
+    await controller.start("w1", workspace_image, volume)
+    name = f"{docker_prefix}-ws-w1"
+    await docker.containers.container(name).stop(t=5)  # SIGTERM: the echo server exits 0
+    status = await controller.get_status("w1")
+    assert status.state is InstanceState.STOPPED
+    assert status.exit_code == 0
+    await controller.start("w1", workspace_image, volume)
+    assert (await controller.get_status("w1")).state is InstanceState.RUNNING
+
+
+async def test_start_replaces_a_running_container_with_another_spec(
+        controller: DockerInstanceController, docker: aiodocker.Docker, volume: str,
+        workspace_image: str, docker_prefix: str) -> None:
+    await controller.start("w1", workspace_image, volume)
+    old = await inspect(docker, f"{docker_prefix}-ws-w1")
+    other = await new_volume(docker, f"{docker_prefix}-home-w1-r2")
+    await controller.start("w1", workspace_image, other)
+    new = await inspect(docker, f"{docker_prefix}-ws-w1")
+    assert new["Id"] != old["Id"]
+    assert [m["Name"] for m in new["Mounts"]] == [other]
+
+
+async def test_missing_image_is_a_permanent_error_naming_it(
+        controller: DockerInstanceController, volume: str, docker_prefix: str) -> None:
+    image = f"codehub-no-such-image-{docker_prefix}:v1"
+    with pytest.raises(PermanentError) as caught:
+        await controller.start("w1", image, volume)
+    assert image in str(caught.value)
+    assert caught.value.retryable is False
+    assert (await controller.get_status("w1")).state is InstanceState.MISSING
+
+
+async def test_start_timeout_reports_last_log_lines_and_status_is_starting(
+        docker: aiodocker.Docker, volume: str, workspace_image: str, docker_prefix: str
+) -> None:
+    # The server listens on 9999 while we probe 8080: running, never healthy.
+    ctl = make_controller(docker, docker_prefix, start_timeout=4.0,
+                          command=["--auth", "none", "--bind-addr", "0.0.0.0:9999"])
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(AdapterError) as caught:
+            await ctl.start("w1", workspace_image, volume)
+        assert loop.time() - began < 20
+        assert not isinstance(caught.value, PermanentError)
+        assert "within 4s" in str(caught.value)
+        assert "codehub-echo listening on 0.0.0.0:9999" in str(caught.value)
+        status = await ctl.get_status("w1")
+        assert status.state is InstanceState.STARTING
+    finally:
+        await ctl.close()
+
+
+async def test_container_that_exits_while_starting_fails_fast_with_its_logs(
+        docker: aiodocker.Docker, volume: str, workspace_image: str, docker_prefix: str
+) -> None:
+    ctl = make_controller(docker, docker_prefix, start_timeout=30.0,
+                          command=["--bind-addr", "0.0.0.0:not-a-port"])
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(AdapterError) as caught:
+            await ctl.start("w1", workspace_image, volume)
+        assert loop.time() - began < 20
+        assert "exited with code 1" in str(caught.value)
+        assert "ValueError" in str(caught.value)
+        status = await ctl.get_status("w1")
+        assert status.state is InstanceState.FAILED
+        assert status.exit_code == 1
+    finally:
+        await ctl.close()
+
+
+async def test_gateway_container_joins_the_network_and_reaches_workspaces(
+        docker: aiodocker.Docker, volume: str, workspace_image: str, docker_prefix: str
+) -> None:
+    gateway = f"{docker_prefix}-gateway"
+    await docker.containers.run({"Image": workspace_image}, name=gateway)
+    ctl = make_controller(docker, docker_prefix, gateway_container=gateway)
+    try:
+        await ctl.start("w1", workspace_image, volume)
+        info = await inspect(docker, gateway)
+        assert f"{docker_prefix}-net" in info["NetworkSettings"]["Networks"]
+        upstream = await ctl.resolve_upstream("w1")
+        script = ("import urllib.request;"
+                  f"print(urllib.request.urlopen('http://{upstream.host}:{upstream.port}"
+                  "/healthz', timeout=5).status)")
+        run = await docker.containers.container(gateway).exec(["python3", "-c", script])
+        out = b""
+        async with run.start(detach=False) as stream:
+            while (msg := await stream.read_out()) is not None:
+                out += msg.data
+        assert (await run.inspect())["ExitCode"] == 0, out
+        assert out.decode().strip() == "200"
+        # A second controller (another replica) finds it joined already.
+        again = make_controller(docker, docker_prefix, gateway_container=gateway)
+        await again.start("w1", workspace_image, volume)
+        await again.close()
+    finally:
+        await ctl.close()
+
+
+async def test_list_managed_reports_our_workspace_containers_only(
+        controller: DockerInstanceController, docker: aiodocker.Docker, volume: str,
+        workspace_image: str, docker_prefix: str) -> None:
+    await controller.start("w1", workspace_image, volume)
+    await docker.containers.create(
+        {"Image": workspace_image,
+         "Labels": {LABEL_MANAGED_BY: "codehub", LABEL_WORKSPACE_ID: "w2",
+                    "codehub.role": "storage-helper"}},
+        name=f"{docker_prefix}-ws-helper-like")
+    await docker.containers.create({"Image": workspace_image}, name=f"{docker_prefix}-ws-x")
+    found = await controller.list_managed()
+    assert [(r.kind, r.name, r.workspace_id) for r in found] == [
+        ("container", f"{docker_prefix}-ws-w1", "w1")]
+    await controller.stop("w1")
+    assert await controller.list_managed() == []
+
+
+async def test_invalid_workspace_id_is_rejected_before_touching_docker(
+        controller: DockerInstanceController, volume: str, workspace_image: str) -> None:
+    for bad in ("../x", "", "a/b", "-x", "x" * 200):
+        with pytest.raises(PermanentError):
+            await controller.get_status(bad)
+
+
+async def test_start_refuses_a_missing_volume_instead_of_creating_a_blank_home(
+        controller: DockerInstanceController, docker: aiodocker.Docker, workspace_image: str,
+        docker_prefix: str) -> None:
+    missing = f"{docker_prefix}-home-gone"
+    with pytest.raises(PermanentError) as caught:
+        await controller.start("w1", workspace_image, missing)
+    assert missing in str(caught.value)
+    volumes = (await docker.volumes.list()).get("Volumes") or []
+    assert missing not in {v["Name"] for v in volumes}
+    assert (await controller.get_status("w1")).state is InstanceState.MISSING
+
+
+async def test_start_replaces_a_running_container_that_never_became_healthy(
+        docker: aiodocker.Docker, volume: str, workspace_image: str, docker_prefix: str
+) -> None:
+    ctl = make_controller(docker, docker_prefix, start_timeout=2.0,
+                          command=["--auth", "none", "--bind-addr", "0.0.0.0:9999"])
+    name = f"{docker_prefix}-ws-w1"
+    try:
+        with pytest.raises(AdapterError):
+            await ctl.start("w1", workspace_image, volume)
+        first = (await inspect(docker, name))["Id"]
+        # Same spec, running for longer than start_timeout, still unhealthy: a fresh one.
+        with pytest.raises(AdapterError):
+            await ctl.start("w1", workspace_image, volume)
+        assert (await inspect(docker, name))["Id"] != first
+    finally:
+        await ctl.close()
+
+
+async def test_a_foreign_container_with_our_name_is_never_touched(
+        controller: DockerInstanceController, docker: aiodocker.Docker, volume: str,
+        workspace_image: str, docker_prefix: str) -> None:
+    name = f"{docker_prefix}-ws-w1"
+    await docker.containers.create({"Image": workspace_image}, name=name)
+    for call in (controller.stop("w1"), controller.delete("w1"),
+                 controller.start("w1", workspace_image, volume)):
+        with pytest.raises(PermanentError):
+            await call
+    assert (await inspect(docker, name))["Config"]["Image"] == workspace_image
