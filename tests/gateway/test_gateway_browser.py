@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiodocker
-import pytest
+import playwright.async_api as playwright_api
 from gateway_support import ADMIN_TOKEN, Stack, client, controller, wait_for
 
 from codehub.clock import SystemClock
@@ -23,16 +22,11 @@ from codehub.runtime.docker import DockerInstanceController
 from codehub.storage.objects import LocalObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
-playwright_api = pytest.importorskip("playwright.async_api")
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-
-pytestmark = pytest.mark.skipif(
-    not shutil.which(CHROMIUM), reason="Debian chromium is missing (apt-get install chromium)")
 
 # Counts the EventSource objects a page creates: the loading page must open exactly one.
 COUNT_EVENT_SOURCES = """
