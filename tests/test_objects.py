@@ -175,3 +175,15 @@ async def test_multipart_parts_carry_sha256_checksums(s3_settings: dict[str, str
 def test_part_size_below_s3_minimum_is_refused() -> None:
     with pytest.raises(ValueError):
         S3ObjectStore(endpoint_url="http://127.0.0.1:1", part_size=MiB)
+
+
+async def test_local_store_removes_a_workspace_folder_with_its_last_object(
+        tmp_path: Path) -> None:
+    local = LocalObjectStore(tmp_path / "objects")
+    await local.start()
+    await local.put_stream("ws1/home.tar.gz", chunks(b"abc"))
+    assert (tmp_path / "objects" / "ws1").is_dir()
+    await local.delete("ws1/home.tar.gz")
+    assert not (tmp_path / "objects" / "ws1").exists()
+    assert (tmp_path / "objects").is_dir()  # the root stays
+    await local.delete("ws1/home.tar.gz")  # and a second delete is still fine

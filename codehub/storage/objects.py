@@ -517,6 +517,9 @@ class LocalObjectStore(ObjectStore):
                     p.unlink()
             with contextlib.suppress(FileNotFoundError):
                 _fsync_dir(path.parent)
+            if path.parent != self.root:  # a workspace's folder goes with its last object
+                with contextlib.suppress(OSError):  # not empty, or already gone
+                    path.parent.rmdir()
 
         await asyncio.to_thread(remove)
 
