@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiodocker
 import pytest
 
 # The harness is imported as the top-level package ``harness`` whether or not tests/ is a
@@ -41,8 +42,9 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
-# Fixtures shared by the reconciler tests (a whole reconciler on real services).
-pytest_plugins = ["reconciler_stack"]
+# Fixtures shared by the reconciler tests (a whole reconciler on real services) and the
+# storage tests (volumes, object stores).
+pytest_plugins = ["reconciler_stack", "storage_support"]
 
 from harness import images, services  # noqa: E402
 
@@ -146,3 +148,13 @@ def docker_prefix(docker_engine: services.DockerEngine) -> Iterator[str]:
         yield prefix
     finally:
         services.docker_remove_named(docker_engine.url, prefix)
+
+
+@pytest.fixture
+async def docker(docker_engine: services.DockerEngine) -> AsyncIterator[aiodocker.Docker]:
+    """An aiodocker client of the test engine, closed after the test."""
+    client = aiodocker.Docker(url=docker_engine.url)
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -9,10 +9,12 @@ import io
 import os
 import tarfile
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiodocker
+import pytest
 
 from codehub.storage.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
@@ -198,3 +200,15 @@ async def our_leftovers(docker: aiodocker.Docker, prefix: str) -> tuple[list[str
 
 
 # --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def objects(s3_settings: dict[str, str]) -> AsyncIterator[S3ObjectStore]:
+    async with s3_objects(s3_settings) as store:
+        yield store
+
+
+@pytest.fixture
+def storage(docker: aiodocker.Docker, objects: S3ObjectStore, docker_prefix: str,
+            workspace_image: str) -> DockerVolumeStorage:
+    return make_storage(docker, objects, docker_prefix, workspace_image)

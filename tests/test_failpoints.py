@@ -12,7 +12,6 @@ import json
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,8 @@ import aiodocker
 import pytest
 from storage_support import (
     fill_volume,
-    make_storage,
     manifest,
     our_leftovers,
-    s3_objects,
 )
 
 import codehub.storage.volumes as volumes_module
@@ -77,27 +74,6 @@ async def run_child(point: str | None, args: dict[str, Any]) -> tuple[int, str]:
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=180)
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace")
-
-
-@pytest.fixture
-async def docker(docker_engine: Any) -> AsyncIterator[aiodocker.Docker]:
-    client = aiodocker.Docker(url=docker_engine.url)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-async def objects(s3_settings: dict[str, str]) -> AsyncIterator[S3ObjectStore]:
-    async with s3_objects(s3_settings) as store:
-        yield store
-
-
-@pytest.fixture
-def storage(docker: aiodocker.Docker, objects: S3ObjectStore, docker_prefix: str,
-            workspace_image: str) -> DockerVolumeStorage:
-    return make_storage(docker, objects, docker_prefix, workspace_image)
 
 
 @pytest.fixture

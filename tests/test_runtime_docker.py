@@ -24,15 +24,6 @@ pytestmark = pytest.mark.timeout(300)
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-async def docker(docker_engine: Any) -> AsyncIterator[aiodocker.Docker]:
-    client = aiodocker.Docker(url=docker_engine.url)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 def make_controller(docker: aiodocker.Docker, prefix: str, **overrides: Any
                     ) -> DockerInstanceController:
     kwargs: dict[str, Any] = {

@@ -31,7 +31,6 @@ from storage_support import (
     manifest_of_tar,
     our_leftovers,
     put_tar,
-    s3_objects,
 )
 
 import codehub.storage.volumes as volumes_module
@@ -45,27 +44,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 
-
-
-@pytest.fixture
-async def docker(docker_engine: Any) -> AsyncIterator[aiodocker.Docker]:
-    client = aiodocker.Docker(url=docker_engine.url)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-async def objects(s3_settings: dict[str, str]) -> AsyncIterator[S3ObjectStore]:
-    async with s3_objects(s3_settings) as store:
-        yield store
-
-
-@pytest.fixture
-def storage(docker: aiodocker.Docker, objects: S3ObjectStore, docker_prefix: str,
-            workspace_image: str) -> DockerVolumeStorage:
-    return make_storage(docker, objects, docker_prefix, workspace_image)
 
 
 # --- tests --------------------------------------------------------------------------------
