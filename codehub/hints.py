@@ -117,6 +117,10 @@ class RedisHintBus(HintBus):
                 if not down:
                     log.warning("redis subscription lost, relying on resync: %s", exc)
                     down = True
+                # Every pooled connection predates the outage: drop them all, or the next
+                # subscription may ride on a dead socket and be "lost" once more.
+                with contextlib.suppress(RedisError, OSError):
+                    await self._client.connection_pool.disconnect()
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
