@@ -12,11 +12,17 @@ One run, side by side (the machine is shared: read the ratios, not the absolutes
 - archive, reference: `tar -c -C MOUNTPOINT . | pigz -1 > FILE`, then fsync(FILE).
 - archive, CodeHub: `DockerVolumeStorage.archive()` into a LocalObjectStore on the same
   disk (Docker's archive API -> gzip in-process -> sha256 -> file, fsynced, .meta, verify).
-- restore, reference: `pigz -d < FILE | tar -x -C DIR` (DIR fresh, on the same disk).
+- restore, reference: `pigz -d < FILE | tar -x -C DIR`, DIR the Mountpoint of a fresh
+  Docker volume, so both sides create their files in the same part of the same file system.
 - restore, CodeHub: `DockerVolumeStorage.restore()` into a new volume (stream + sha256 ->
   Docker's put-archive).
 Each pair runs --repeat times back to back, alternating which goes first, after a sync (so
-no one's dirty pages are flushed inside a timing). Printed: MiB/s of each (of the
+no one's dirty pages are flushed inside a timing). Every restore goes into a tree of its own
+(a new volume) and all of them are deleted only after the last timing: on
+ext4, creating files right after tens of thousands were deleted is several times slower
+(the inode allocator skips every recently deleted inode, `recently_deleted()` in
+fs/ext4/ialloc.c, for up to 5 minutes), so whichever side ran after a deletion would be
+timed against the file system rather than against the other side. Printed: MiB/s of each (of the
 uncompressed data) and ratio = CodeHub throughput / reference throughput (>= 1: CodeHub is
 at least as fast), from the best run of each side and as the median of the pairs. Goal:
 ratio >= 0.8. CPU seconds are this process's (CodeHub
@@ -145,9 +151,6 @@ def reference_archive(src: Path, out: Path, level: int) -> tuple[float, float]:
 
 
 def reference_restore(archive: Path, dest: Path) -> tuple[float, float]:
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir()
     os.sync()
     cpu = children_cpu()
     began = time.perf_counter()
@@ -181,10 +184,9 @@ class Timings:
     def best(self, name: str) -> float:
         return min(self.times[name])
 
-    def median_ratio(self, ref: str, ours: str) -> float:
-        """Median over repetitions of reference time / CodeHub time (pairs run back to back)."""
-        return statistics.median(r / o for r, o in zip(self.times[ref], self.times[ours],
-                                                        strict=True))
+    def pair_ratios(self, ref: str, ours: str) -> list[float]:
+        """Reference time / CodeHub time of each pair run back to back."""
+        return [r / o for r, o in zip(self.times[ref], self.times[ours], strict=True)]
 
 
 async def timed_ours(timings: Timings, name: str, coro: Any) -> Any:
@@ -195,11 +197,20 @@ async def timed_ours(timings: Timings, name: str, coro: Any) -> Any:
     return result
 
 
-async def measure(storage: DockerVolumeStorage, volume: str, mountpoint: Path, work: Path,
-                  args: argparse.Namespace, made: list[str]) -> tuple[Timings, dict[str, int]]:
+async def volume_dir(docker: aiodocker.Docker, storage: DockerVolumeStorage, workspace_id: str,
+                     made: list[str]) -> Path:
+    """A new empty volume (removed at the end with the rest); its Mountpoint."""
+    volume = await storage.provision(workspace_id)
+    made.append(volume)
+    info = await (await docker.volumes.get(volume)).show()
+    return Path(info["Mountpoint"])
+
+
+async def measure(docker: aiodocker.Docker, storage: DockerVolumeStorage, volume: str,
+                  mountpoint: Path, work: Path, args: argparse.Namespace,
+                  made: list[str]) -> tuple[Timings, dict[str, int]]:
     """Run each side --repeat times, alternating which goes first."""
     ref_file = work / "ref.tar.gz"
-    ref_dir = work / "ref-restore"
     timings = Timings()
     sizes: dict[str, int] = {}
     archived = None
@@ -217,14 +228,14 @@ async def measure(storage: DockerVolumeStorage, volume: str, mountpoint: Path, w
         assert archived is not None
         for who in order:
             if who == "ref":
-                t, c = await asyncio.to_thread(reference_restore, ref_file, ref_dir)
+                dest = await volume_dir(docker, storage, f"ref-{rep}", made)
+                t, c = await asyncio.to_thread(reference_restore, ref_file, dest)
                 timings.add("ref_r", t, c)
             else:
-                restored = await timed_ours(
-                    timings, "ours_r", storage.restore("w1", archived.key, archived.sha256))
+                # a workspace id per run: a new volume each time, none deleted until the end
+                restored = await timed_ours(timings, "ours_r", storage.restore(
+                    f"w1-r{rep}", archived.key, archived.sha256))
                 made.append(restored)
-                await storage.purge(restored, None)
-                made.remove(restored)
     return timings, sizes
 
 
@@ -241,10 +252,8 @@ async def run(args: argparse.Namespace) -> None:
                                   volume_prefix=f"codehub-bench-{run_id}-")
     made: list[str] = []
     try:
-        volume = await storage.provision("w1")
-        made.append(volume)
-        info = await (await docker.volumes.get(volume)).show()
-        mountpoint = Path(info["Mountpoint"])
+        mountpoint = await volume_dir(docker, storage, "w1", made)
+        volume = made[-1]
         total = args.size_mb * MiB
         began = time.perf_counter()
         files, written = await asyncio.to_thread(generate_tree, mountpoint, total)
@@ -252,18 +261,20 @@ async def run(args: argparse.Namespace) -> None:
               f"(generated in {time.perf_counter() - began:.1f}s); helper image {image}; "
               f"gzip level {args.level}; {os.cpu_count()} CPUs; best of {args.repeat}")
 
-        timings, sizes = await measure(storage, volume, mountpoint, work, args, made)
+        timings, sizes = await measure(docker, storage, volume, mountpoint, work, args, made)
         mib = written / MiB
         print(f"archive size: reference {sizes['ref'] / MiB:.1f} MiB, "
               f"CodeHub {sizes['ours'] / MiB:.1f} MiB")
         for name, ref_name, ref, ours in (("archive", "tar | pigz -1 > file", "ref_a", "ours_a"),
                                           ("restore", "pigz -d | tar -x", "ref_r", "ours_r")):
             ref_t, ours_t = timings.best(ref), timings.best(ours)
+            pairs = timings.pair_ratios(ref, ours)
             print(f"{name}: reference ({ref_name}) {mib / ref_t:7.1f} MiB/s "
                   f"[{ref_t:.2f}s, cpu {timings.cpu[ref]:.1f}s] | CodeHub "
                   f"{mib / ours_t:7.1f} MiB/s [{ours_t:.2f}s, cpu {timings.cpu[ours]:.1f}s] | "
                   f"ratio {ref_t / ours_t:.2f} (best of each), "
-                  f"{timings.median_ratio(ref, ours):.2f} (median of pairs)")
+                  f"{statistics.median(pairs):.2f} (median of pairs: "
+                  f"{' '.join(f'{r:.2f}' for r in pairs)})")
     finally:
         if not args.keep:
             for name in reversed(made):
@@ -279,7 +290,8 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="MiB of data (default 1024)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each side (default 3)")
+    parser.add_argument("--repeat", type=int, default=4,
+                        help="runs of each side, half of them going first (default 4)")
     parser.add_argument("--image", default=None,
                         help="image for the helper containers (default: any local image)")
     parser.add_argument("--level", type=int, default=1, help="gzip level (default 1)")

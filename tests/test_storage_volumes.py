@@ -334,7 +334,7 @@ async def _generated_tar(total: int, files: int = 4) -> AsyncIterator[bytes]:
 
 
 @pytest.mark.slow
-async def test_archiving_a_2gb_volume_keeps_rss_growth_under_64mib(
+async def test_archiving_and_restoring_a_2gb_volume_keep_rss_growth_under_64mib(
         storage: DockerVolumeStorage, objects: S3ObjectStore, docker: aiodocker.Docker,
         workspace_image: str) -> None:
     volume = await storage.provision("w1")
@@ -351,6 +351,51 @@ async def test_archiving_a_2gb_volume_keeps_rss_growth_under_64mib(
           f"growth {growth_mib:.1f} MiB")
     assert info.size > 100 * MiB  # big enough that the multipart path was exercised
     assert growth_mib < 64
+
+    await storage.purge(volume, None)
+    _reset_peak_rss()
+    before = _vm_kib("VmRSS")
+    restored = await storage.restore("w1", info.key, info.sha256)
+    peak = _vm_kib("VmHWM")
+    growth_mib = (peak - before) / 1024
+    print(f"restore of it: RSS before {before / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, "
+          f"growth {growth_mib:.1f} MiB")
+    assert restored
+    assert growth_mib < 64
+
+
+class _StreamBreaksAfter(S3ObjectStore):
+    """An S3 store whose reads fail after a few chunks (fault injection around a real one)."""
+
+    async def get_stream(self, key: str) -> AsyncIterator[bytes]:
+        sent = 0
+        async for chunk in super().get_stream(key):
+            if sent == 3:
+                raise AdapterError("injected: the store connection broke")
+            sent += 1
+            yield chunk
+
+
+async def test_restore_whose_download_breaks_midway_fails_and_leaves_no_volume(
+        docker: aiodocker.Docker, objects: S3ObjectStore, s3_settings: dict[str, str],
+        workspace_image: str, docker_prefix: str, tmp_path: Path) -> None:
+    storage = make_storage(docker, objects, docker_prefix, workspace_image)
+    volume = await storage.provision("w1")
+    await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=24 * MiB)
+    info = await storage.archive("w1", volume)
+    await storage.purge(volume, None)
+    async with _StreamBreaksAfter(endpoint_url=s3_settings["endpoint_url"],
+                                  region=s3_settings["region"],
+                                  access_key_id=s3_settings["access_key_id"],
+                                  secret_access_key=s3_settings["secret_access_key"],
+                                  bucket=s3_settings["bucket"], chunk_size=MiB) as breaking:
+        flaky = make_storage(docker, breaking, docker_prefix, workspace_image)
+        with pytest.raises(AdapterError, match="connection broke"):
+            await flaky.restore("w1", info.key, info.sha256)
+    assert await our_leftovers(docker, docker_prefix) == ([], [])
+    assert (await objects.head(info.key)) is not None
+    restored = await storage.restore("w1", info.key, info.sha256)  # the archive still works
+    assert restored
 
 
 def test_manifest_sees_every_field_it_compares() -> None:

@@ -22,8 +22,9 @@ Guarantees:
   volume of that name first.
 - `purge()` removes what it is given and ignores what is already gone.
 - Memory is bounded whatever the volume size: one chunk read ahead and one being
-  compressed (archive); one compressed chunk, at most one chunk of inflated output and
-  64 KiB held back (restore); plus what the ObjectStore buffers (S3: two parts).
+  compressed (archive); one compressed chunk, at most RESTORE_AHEAD + 1 chunks of
+  inflated output and 64 KiB held back (restore); plus what the ObjectStore buffers (S3:
+  two parts).
 
 Archive format ("tar+gzip"): a single gzip member (plain `gzip -d` reads it) holding a tar
 whose one top-level entry `coder/` is the volume root itself (so its owner and mode
@@ -94,6 +95,7 @@ LABEL_RESTORED_FROM = "codehub.restored-from-sha256"
 MOUNT = "/home/coder"  # where helpers mount the volume; its basename is the archive's top
 _MOUNT_PARENT = "/home"
 HOLD_BACK = 64 * 1024
+RESTORE_AHEAD = 8  # inflated pieces (each at most chunk_size) queued ahead of Docker
 PROGRESS_INTERVAL = 0.5  # seconds
 _END_OF_TAR = bytes(1024)  # two zero blocks
 _STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
@@ -453,31 +455,60 @@ class DockerVolumeStorage(StorageProvider):
             raise AdapterError(f"Docker finished extracting {key} before it was fully streamed")
 
     async def _verified_body(self, key: str, size: int, expected: str, feed: _Feed,
-                             report: _Reporter) -> AsyncIterator[bytes]:
-        """The archive's tar for Docker: hashed as it flows and inflated here (isal, in a
-        worker thread; letting Docker inflate through its own unpigz pipe costs about a
-        quarter of restore throughput).
+                             report: _Reporter) -> AsyncIterator[bytes | memoryview]:
+        """The archive's tar for Docker, inflated here (letting Docker inflate through its
+        own unpigz pipe costs about a quarter of restore throughput) by a producer task
+        that runs up to RESTORE_AHEAD pieces ahead: while Docker writes files, the next
+        pieces are read, hashed and inflated in a worker thread (in lockstep, each side
+        mostly waited for the other).
 
         Invariant: the final HOLD_BACK bytes of the tar (its end-of-archive blocks among them)
         are yielded only after the whole object was read and its size, sha256 and gzip
         trailer matched, so a mismatch always ends in an aborted, incomplete request.
         """
+        queue: asyncio.Queue[bytes | memoryview | None] = asyncio.Queue(RESTORE_AHEAD)
+        producer = asyncio.create_task(
+            self._inflate_ahead(key, size, expected, feed, report, queue))
+        first = True
+        try:
+            while feed.error is None and (piece := await queue.get()) is not None:
+                yield piece
+                if first:
+                    first = False
+                    failpoint("restore.after_download_start")
+            await producer  # its failure (a checksum mismatch, a store error) aborts Docker's
+        finally:
+            if not producer.done():
+                producer.cancel()
+            await asyncio.wait([producer])
+            if not producer.cancelled():
+                producer.exception()  # retrieved: raised above or superseded by our own
+
+    async def _inflate_ahead(self, key: str, size: int, expected: str, feed: _Feed,
+                             report: _Reporter,
+                             queue: asyncio.Queue[bytes | memoryview | None]) -> None:
+        """Read, hash and inflate the archive into `queue` (None after the last piece),
+        holding back the tar's last HOLD_BACK bytes until everything verified. On failure
+        it sets `feed.error` (the consumer stops) and raises."""
         inflater = _Inflater(self._chunk_size, f"archive {key} (expected sha256 {expected})")
         held = b""
-        first = True
         stream = self._objects.get_stream(key)
         try:
             async for chunk in stream:
                 feed.received += len(chunk)
                 out = await asyncio.to_thread(inflater.first, chunk)
                 while True:
-                    held += out
-                    if len(held) > HOLD_BACK:
-                        send, held = held[:-HOLD_BACK], held[-HOLD_BACK:]
-                        yield send
-                        if first:
-                            first = False
-                            failpoint("restore.after_download_start")
+                    if len(out) > HOLD_BACK:  # send the old tail and all but a new one
+                        if held:
+                            await queue.put(held)
+                        await queue.put(memoryview(out)[:-HOLD_BACK])
+                        held = out[-HOLD_BACK:]
+                    elif len(held) + len(out) > HOLD_BACK:
+                        held += out
+                        await queue.put(held[:-HOLD_BACK])
+                        held = held[-HOLD_BACK:]
+                    else:
+                        held += out
                     if not inflater.pending:
                         break
                     out = await asyncio.to_thread(inflater.more)
@@ -490,10 +521,13 @@ class DockerVolumeStorage(StorageProvider):
                     f"{digest}, expected {size} bytes with sha256 {expected}")
             feed.verified = True
             if held:
-                yield held
+                await queue.put(held)
             await report("extracting", feed.received, size)
+            await queue.put(None)
         except Exception as exc:
             feed.error = exc
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)  # wakes a consumer waiting on an empty queue
             raise
         finally:
             aclose = getattr(stream, "aclose", None)
