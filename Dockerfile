@@ -16,11 +16,9 @@ RUN set -- /tmp/wheels/pip-*.whl \
     && python3 "$1/pip" install --no-index --find-links /tmp/wheels \
         --break-system-packages --no-compile --disable-pip-version-check codehub \
     && rm -rf /tmp/wheels
-COPY static /app/static
 
 ENV CODEHUB_DATA_DIR=/data \
     CODEHUB_SERVER__HOST=0.0.0.0 \
-    CODEHUB_GATEWAY__STATIC_DIR=/app/static \
     PYTHONUNBUFFERED=1
 VOLUME /data
 EXPOSE 8000

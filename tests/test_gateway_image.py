@@ -25,7 +25,9 @@ def test_dockerfile_builds_from_a_local_base_and_codehub_runs_inside(
         assert out.returncode == 0, out.stderr
         assert '"data_dir": "/data"' in out.stdout and '"host": "0.0.0.0"' in out.stdout
         version = subprocess.run(["docker", "run", "--rm", "--entrypoint", "python3", tag,
-                                  "-c", "import codehub.app, uvloop, isal; print('ok')"],
+                                  "-c", "import codehub.app, uvloop, isal; "
+                                  "from codehub.gateway.pages import PACKAGE_STATIC as s; "
+                                  "assert (s / 'loading.html').is_file(); print('ok')"],
                                  capture_output=True, text=True, timeout=120,
                                  env=docker_engine.env())
         assert version.stdout.strip() == "ok", version.stderr

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from ..model import Workspace
 
-PACKAGE_STATIC = Path(__file__).resolve().parents[2] / "static"
+PACKAGE_STATIC = Path(__file__).resolve().parents[1] / "static"
 TEMPLATES = ("loading.html", "cold.html", "error.html")
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
 NO_STORE = "no-store"
