@@ -3,9 +3,10 @@
 Guarantees (DESIGN.md "What a browser sees at /w/{id}/"):
 - `/w/{id}` redirects to `/w/{id}/` (query kept).
 - `?access=<link token>` on a GET is exchanged for the workspace cookie (HttpOnly,
-  SameSite=Lax, Secure on HTTPS, Path=/w/{id}/) and a 303 to the same URL without the
-  token. Every other request needs that cookie: none -> 401, invalid, expired or another
-  workspace's -> 403. Checking it is an HMAC, never a database query.
+  SameSite=Lax, Path=/w/{id}/; Secure when the request came over HTTPS or
+  `server.public_url` is https, i.e. TLS ends at a proxy in front) and a 303 to the same
+  URL without the token. Every other request needs that cookie: none -> 401, invalid,
+  expired or another workspace's -> 403. Checking it is an HMAC, never a database query.
 - `/w/{id}/_codehub/...` is the gateway's own (events, status); nothing under it reaches
   the workspace.
 - RUNNING and ready: proxied (HTTP or WebSocket), and the workspace is marked active.
@@ -63,6 +64,9 @@ class Gateway:
         self.keys = keys
         self.pages = pages
         self.cookie_ttl = cfg.auth.cookie_ttl
+        # Behind a TLS-terminating proxy the request itself is plain HTTP; the configured
+        # public URL says what the browser sees (no forwarded header is trusted for this).
+        self.public_https = cfg.server.public_url.lower().startswith("https://")
         self.retry_after = g.wake_retry_after
         self.health_path = cfg.docker.health_path
         self.events_poll_interval = g.events_poll_interval
@@ -171,7 +175,8 @@ class Gateway:
         resp.set_cookie(auth.COOKIE_NAME, auth.mint_cookie(self.keys, workspace_id,
                                                            self.cookie_ttl, now),
                         path=auth.cookie_path(workspace_id), max_age=self.cookie_ttl,
-                        httponly=True, samesite="Lax", secure=request.secure)
+                        httponly=True, samesite="Lax",
+                        secure=request.secure or self.public_https)
         return resp
 
     async def own_endpoint(self, request: web.Request, workspace_id: str, target: str,

@@ -29,7 +29,7 @@ from aiohttp import web
 from harness import services
 
 from codehub import gateway, keys
-from codehub.config import AuthConfig, Config, DockerConfig, GatewayConfig
+from codehub.config import AuthConfig, Config, DockerConfig, GatewayConfig, ServerConfig
 from codehub.gateway import auth
 from codehub.hints import InProcessHintBus
 from codehub.model import DesiredState, Operation, Status
@@ -82,11 +82,13 @@ def echo_upstream(docker_engine: services.DockerEngine, workspace_image: str,
         services.docker_remove_named(docker_engine.url, prefix)
 
 
-def make_config(tmp_path: Path, **gateway_settings: Any) -> Config:
+def make_config(tmp_path: Path, server: ServerConfig | None = None,
+                **gateway_settings: Any) -> Config:
     settings: dict[str, Any] = {"activity_flush_interval": 0.2, "events_poll_interval": 0.2}
     settings.update(gateway_settings)
     return Config(
         data_dir=str(tmp_path),
+        server=server or ServerConfig(),
         auth=AuthConfig(signing_keys=[SIGNING_KEY], admin_tokens=[ADMIN_TOKEN]),
         gateway=GatewayConfig(**settings),
         docker=DockerConfig(),
@@ -139,8 +141,9 @@ class Stack:
 
 
 async def open_stack(database_url: str, up: Upstream, tmp_path: Path,
+                     server: ServerConfig | None = None,
                      **gateway_settings: Any) -> AsyncIterator[Stack]:
-    cfg = make_config(tmp_path, **gateway_settings)
+    cfg = make_config(tmp_path, server, **gateway_settings)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
     assert pool is not None
     async with pool.acquire() as conn:

@@ -7,9 +7,9 @@ import stat
 import time
 from pathlib import Path
 
-from gateway_support import ADMIN_TOKEN, Stack, client
+from gateway_support import ADMIN_TOKEN, Stack, Upstream, client, open_stack
 
-from codehub.config import AuthConfig, Config
+from codehub.config import AuthConfig, Config, ServerConfig
 from codehub.gateway import auth
 from codehub.gateway.auth import SigningKeys, Verdict
 from codehub.model import Status
@@ -40,11 +40,27 @@ async def test_access_link_sets_a_scoped_http_only_cookie_and_redirects_clean(
     attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
     assert {"httponly", "path", "max-age", "samesite"} <= attrs
     assert "Path=/w/echo/" in cookie and "SameSite=Lax" in cookie
-    assert "secure" not in attrs  # plain HTTP here; Secure is set on HTTPS requests
+    assert "secure" not in attrs  # plain HTTP and no https public_url: not Secure
     value = cookie.split(";")[0].split("=", 1)[1]
     async with client() as http, http.get(stack.url("/w/echo/"), headers={
             "Cookie": f"{auth.COOKIE_NAME}={value}"}) as resp:
         assert resp.status == 200
+
+
+async def test_cookie_is_secure_when_the_public_url_is_https_behind_a_tls_proxy(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path) -> None:
+    async for stack in open_stack(database_url, echo_upstream, tmp_path,
+                                  server=ServerConfig(public_url="https://ide.example.org")):
+        await stack.add()
+        link = await mint_link(stack, ttl_seconds=60)
+        assert link["url"].startswith("https://ide.example.org/w/echo/?access=")
+        # The proxy in front ended TLS: the request reaches us as plain HTTP.
+        path = link["url"].removeprefix("https://ide.example.org")
+        async with client() as http, http.get(stack.url(path), allow_redirects=False) as r:
+            assert r.status == 303
+            cookie = r.headers["Set-Cookie"]
+        attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
+        assert {"secure", "httponly", "samesite"} <= attrs
 
 
 async def test_minting_needs_the_admin_token_and_an_existing_workspace(stack: Stack) -> None:
