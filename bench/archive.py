@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Archive/restore benchmark: CodeHub's DockerVolumeStorage against `tar | pigz` on the same data.
 
-Usage: .venv/bin/python bench/archive.py [--size-mb 1024] [--repeat 2] [--image IMAGE]
+Usage: .venv/bin/python bench/archive.py [--size-mb 1024] [--repeat 4] [--image IMAGE]
                                          [--level 1] [--docker-url URL] [--keep]
 
 One run, side by side (the machine is shared: read the ratios, not the absolutes):
@@ -18,16 +18,16 @@ One run, side by side (the machine is shared: read the ratios, not the absolutes
   Docker's put-archive).
 Each pair runs --repeat times back to back, alternating which goes first, after a sync (so
 no one's dirty pages are flushed inside a timing). Every restore goes into a tree of its own
-(a new volume) and all of them are deleted only after the last timing: on
-ext4, creating files right after tens of thousands were deleted is several times slower
-(the inode allocator skips every recently deleted inode, `recently_deleted()` in
-fs/ext4/ialloc.c, for up to 5 minutes), so whichever side ran after a deletion would be
-timed against the file system rather than against the other side. Printed: MiB/s of each (of the
-uncompressed data) and ratio = CodeHub throughput / reference throughput (>= 1: CodeHub is
-at least as fast), from the best run of each side and as the median of the pairs. Goal:
-ratio >= 0.8. CPU seconds are the reference pipeline's children (getrusage) and, for
-CodeHub, this process's plus those of the local dockerd and the helpers it ran (its
-`untar`), shown apart: on a machine with few cores the sum is what sets the pace.
+(a new volume) and all of them are deleted only after the last timing: on ext4, creating
+files right after tens of thousands were deleted is several times slower (the inode
+allocator skips every recently deleted inode, `recently_deleted()` in fs/ext4/ialloc.c, for
+one to six minutes), so whichever side ran after a deletion would be timed against the file
+system rather than against the other side. Printed: MiB/s of each (of the uncompressed data)
+and ratio = CodeHub throughput / reference throughput (>= 1: CodeHub is at least as fast),
+from the best run of each side and as the median of the pairs. Goal: ratio >= 0.8. CPU
+seconds are the reference pipeline's children (getrusage) and, for CodeHub, this process's
+plus those of the local dockerd and the helpers it ran (its `untar`), shown apart: on a
+machine with few cores the sum is what sets the pace.
 Everything made (volumes, helper containers, temp dirs) is removed at the end unless --keep.
 """
 
