@@ -8,7 +8,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 
-from gateway_support import ECHO_ID, Stack, client
+from gateway_support import ECHO_ID, Stack, client, wait_for
 
 from codehub.gateway import auth
 from codehub.model import Operation, Status
@@ -251,6 +251,9 @@ async def test_keep_alive_connections_to_the_workspace_are_reused(stack: Stack) 
         for _ in range(20):
             async with http.get(stack.url("/w/echo/"), headers=stack.headers()) as resp:
                 assert resp.status == 200
+    # A body with a Content-Length is complete for the client once its last byte is
+    # written; the handler returns the connection to the pool just after that.
+    await wait_for(lambda: stack.gw.pool.stats()[1] == 0, timeout=5)
     idle, busy = stack.gw.pool.stats()
     assert busy == 0 and 1 <= idle <= 2
 
