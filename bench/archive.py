@@ -215,12 +215,12 @@ async def timed_ours(timings: Timings, name: str, coro: Any) -> Any:
 
 
 async def volume_dir(docker: aiodocker.Docker, storage: DockerVolumeStorage, workspace_id: str,
-                     made: list[str]) -> Path:
-    """A new empty volume (removed at the end with the rest); its Mountpoint."""
+                     made: list[str]) -> tuple[str, Path]:
+    """A new empty volume (removed at the end with the rest): its name and Mountpoint."""
     volume = await storage.provision(workspace_id)
     made.append(volume)
     info = await (await docker.volumes.get(volume)).show()
-    return Path(info["Mountpoint"])
+    return volume, Path(info["Mountpoint"])
 
 
 async def measure(docker: aiodocker.Docker, storage: DockerVolumeStorage, volume: str,
@@ -245,7 +245,7 @@ async def measure(docker: aiodocker.Docker, storage: DockerVolumeStorage, volume
         assert archived is not None
         for who in order:
             if who == "ref":
-                dest = await volume_dir(docker, storage, f"ref-{rep}", made)
+                _, dest = await volume_dir(docker, storage, f"ref-{rep}", made)
                 t, c = await asyncio.to_thread(reference_restore, ref_file, dest)
                 timings.add("ref_r", t, c)
             else:
@@ -269,8 +269,7 @@ async def run(args: argparse.Namespace) -> None:
                                   volume_prefix=f"codehub-bench-{run_id}-")
     made: list[str] = []
     try:
-        mountpoint = await volume_dir(docker, storage, "w1", made)
-        volume = made[-1]
+        volume, mountpoint = await volume_dir(docker, storage, "w1", made)
         total = args.size_mb * MiB
         began = time.perf_counter()
         files, written = await asyncio.to_thread(generate_tree, mountpoint, total)

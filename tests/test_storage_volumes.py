@@ -277,11 +277,7 @@ class _PartTwoFails(S3ObjectStore):
 async def test_archive_failing_in_the_store_midway_leaves_volume_and_no_object(
         docker: aiodocker.Docker, s3_settings: dict[str, str], workspace_image: str,
         docker_prefix: str, tmp_path: Path) -> None:
-    async with _PartTwoFails(endpoint_url=s3_settings["endpoint_url"],
-                             region=s3_settings["region"],
-                             access_key_id=s3_settings["access_key_id"],
-                             secret_access_key=s3_settings["secret_access_key"],
-                             bucket=s3_settings["bucket"], part_size=5 * MiB) as failing:
+    async with _PartTwoFails(**s3_settings, part_size=5 * MiB) as failing:
         storage = make_storage(docker, failing, docker_prefix, workspace_image)
         volume = await storage.provision("w1")
         await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=12 * MiB)
@@ -377,18 +373,14 @@ class _StreamBreaksAfter(S3ObjectStore):
 
 
 async def test_restore_whose_download_breaks_midway_fails_and_leaves_no_volume(
-        docker: aiodocker.Docker, objects: S3ObjectStore, s3_settings: dict[str, str],
-        workspace_image: str, docker_prefix: str, tmp_path: Path) -> None:
-    storage = make_storage(docker, objects, docker_prefix, workspace_image)
+        storage: DockerVolumeStorage, docker: aiodocker.Docker, objects: S3ObjectStore,
+        s3_settings: dict[str, str], workspace_image: str, docker_prefix: str,
+        tmp_path: Path) -> None:
     volume = await storage.provision("w1")
     await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=24 * MiB)
     info = await storage.archive("w1", volume)
     await storage.purge(volume, None)
-    async with _StreamBreaksAfter(endpoint_url=s3_settings["endpoint_url"],
-                                  region=s3_settings["region"],
-                                  access_key_id=s3_settings["access_key_id"],
-                                  secret_access_key=s3_settings["secret_access_key"],
-                                  bucket=s3_settings["bucket"], chunk_size=MiB) as breaking:
+    async with _StreamBreaksAfter(**s3_settings, chunk_size=MiB) as breaking:
         flaky = make_storage(docker, breaking, docker_prefix, workspace_image)
         with pytest.raises(AdapterError, match="connection broke"):
             await flaky.restore("w1", info.key, info.sha256)
