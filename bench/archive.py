@@ -2,7 +2,8 @@
 """Archive/restore benchmark: CodeHub's DockerVolumeStorage against `tar | pigz` on the same data.
 
 Usage: .venv/bin/python bench/archive.py [--size-mb 1024] [--repeat 4] [--image IMAGE]
-                                         [--level 1] [--docker-url URL] [--keep]
+                                         [--level 1] [--restore-with tar|put-archive]
+                                         [--docker-url URL] [--keep]
 
 One run, side by side (the machine is shared: read the ratios, not the absolutes):
 - data: a mixed tree of --size-mb MiB written straight into a fresh Docker volume's
@@ -14,8 +15,9 @@ One run, side by side (the machine is shared: read the ratios, not the absolutes
   disk (Docker's archive API -> gzip in-process -> sha256 -> file, fsynced, .meta, verify).
 - restore, reference: `pigz -d < FILE | tar -x -C DIR`, DIR the Mountpoint of a fresh
   Docker volume, so both sides create their files in the same part of the same file system.
-- restore, CodeHub: `DockerVolumeStorage.restore()` into a new volume (stream + sha256 ->
-  Docker's put-archive).
+- restore, CodeHub: `DockerVolumeStorage.restore()` into a new volume (stream + sha256 +
+  inflate in-process -> GNU tar in a helper container over a local TCP connection, as the
+  gateway's default `archive.restore_with = "tar"`; or -> Docker's put-archive).
 Each pair runs --repeat times back to back, alternating which goes first, after a sync (so
 no one's dirty pages are flushed inside a timing). Every restore goes into a tree of its own
 (a new volume) and all of them are deleted only after the last timing: on ext4, creating
@@ -25,10 +27,11 @@ one to six minutes), so whichever side ran after a deletion would be timed again
 system rather than against the other side. Printed: MiB/s of each (of the uncompressed data)
 and ratio = CodeHub throughput / reference throughput (>= 1: CodeHub is at least as fast),
 from the best run of each side and as the median of the pairs. Goal: ratio >= 0.8. CPU
-seconds are the reference pipeline's children (getrusage) and, for CodeHub, this process's
-plus those of the local dockerd and the helpers it ran (its `untar`), shown apart: on a
-machine with few cores the sum is what sets the pace.
-Everything made (volumes, helper containers, temp dirs) is removed at the end unless --keep.
+seconds: the reference pipeline's children (getrusage) or this process's, and "machine",
+all the machine's busy CPU time during the run (so dockerd, its untar and a helper's tar
+count too; on a machine with few cores that sum is what sets the pace).
+Everything made (volumes, helper containers, the restore network, temp dirs) is removed at
+the end unless --keep.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from codehub.runtime.network import BridgeNetwork
 from codehub.storage.objects import LocalObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
@@ -141,36 +145,31 @@ def self_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def docker_cpu() -> float:
-    """CPU seconds of the local dockerd and its reaped children (its untar/tar helpers);
-    0 when no dockerd runs here (a remote engine)."""
-    total = 0.0
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == "dockerd":
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-    return total
+def machine_cpu() -> float:
+    """CPU seconds the whole machine spent busy (all processes, the kernel's too): the one
+    count that includes dockerd, its untar and the tar in a helper container alike."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def reference_archive(src: Path, out: Path, level: int) -> tuple[float, float]:
+def reference_archive(src: Path, out: Path, level: int) -> tuple[float, float, float]:
     os.sync()
-    cpu = children_cpu()
+    cpu, machine = children_cpu(), machine_cpu()
     began = time.perf_counter()
     with open(out, "wb") as f:
         subprocess.run(f"tar -c -C '{src}' . | pigz -{level}", shell=True, stdout=f,
                        check=True)
         f.flush()
         os.fsync(f.fileno())
-    return time.perf_counter() - began, children_cpu() - cpu
+    return time.perf_counter() - began, children_cpu() - cpu, machine_cpu() - machine
 
 
-def reference_restore(archive: Path, dest: Path) -> tuple[float, float]:
+def reference_restore(archive: Path, dest: Path) -> tuple[float, float, float]:
     os.sync()
-    cpu = children_cpu()
+    cpu, machine = children_cpu(), machine_cpu()
     began = time.perf_counter()
     subprocess.run(f"pigz -d < '{archive}' | tar -x -C '{dest}'", shell=True, check=True)
-    return time.perf_counter() - began, children_cpu() - cpu
+    return time.perf_counter() - began, children_cpu() - cpu, machine_cpu() - machine
 
 
 async def pick_image(docker: aiodocker.Docker, wanted: str | None) -> str:
@@ -189,13 +188,13 @@ class Timings:
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = {}
         self.cpu: dict[str, float] = {}
-        self.docker_cpu: dict[str, float] = {}
+        self.machine_cpu: dict[str, float] = {}
 
-    def add(self, name: str, seconds: float, cpu: float, docker: float = 0.0) -> None:
+    def add(self, name: str, seconds: float, cpu: float, machine: float) -> None:
         runs = self.times.setdefault(name, [])
         if not runs or seconds < min(runs):
             self.cpu[name] = cpu
-            self.docker_cpu[name] = docker
+            self.machine_cpu[name] = machine
         runs.append(seconds)
 
     def best(self, name: str) -> float:
@@ -208,9 +207,9 @@ class Timings:
 
 async def timed_ours(timings: Timings, name: str, coro: Any) -> Any:
     await asyncio.to_thread(os.sync)  # nobody's dirty pages get flushed inside a timing
-    c0, d0, t0 = self_cpu(), docker_cpu(), time.perf_counter()
+    c0, m0, t0 = self_cpu(), machine_cpu(), time.perf_counter()
     result = await coro
-    timings.add(name, time.perf_counter() - t0, self_cpu() - c0, docker_cpu() - d0)
+    timings.add(name, time.perf_counter() - t0, self_cpu() - c0, machine_cpu() - m0)
     return result
 
 
@@ -235,10 +234,10 @@ async def measure(docker: aiodocker.Docker, storage: DockerVolumeStorage, volume
         order = ["ref", "ours"] if rep % 2 == 0 else ["ours", "ref"]
         for who in order:
             if who == "ref":
-                t, c = await asyncio.to_thread(reference_archive, mountpoint, ref_file,
-                                               args.level)
+                t, c, m = await asyncio.to_thread(reference_archive, mountpoint, ref_file,
+                                                  args.level)
                 sizes["ref"] = ref_file.stat().st_size
-                timings.add("ref_a", t, c)
+                timings.add("ref_a", t, c, m)
             else:
                 archived = await timed_ours(timings, "ours_a", storage.archive("w1", volume))
                 sizes["ours"] = archived.size
@@ -246,8 +245,8 @@ async def measure(docker: aiodocker.Docker, storage: DockerVolumeStorage, volume
         for who in order:
             if who == "ref":
                 _, dest = await volume_dir(docker, storage, f"ref-{rep}", made)
-                t, c = await asyncio.to_thread(reference_restore, ref_file, dest)
-                timings.add("ref_r", t, c)
+                t, c, m = await asyncio.to_thread(reference_restore, ref_file, dest)
+                timings.add("ref_r", t, c, m)
             else:
                 # a workspace id per run: a new volume each time, none deleted until the end
                 restored = await timed_ours(timings, "ours_r", storage.restore(
@@ -264,9 +263,12 @@ async def run(args: argparse.Namespace) -> None:
     objects = LocalObjectStore(work / "objects")
     await objects.start()
     image = await pick_image(docker, args.image)
+    network = BridgeNetwork(docker, f"codehub-bench-{run_id}-restore") \
+        if args.restore_with == "tar" else None
     storage = DockerVolumeStorage(docker=docker, objects=objects, helper_image=image,
                                   compression_level=args.level,
-                                  volume_prefix=f"codehub-bench-{run_id}-")
+                                  volume_prefix=f"codehub-bench-{run_id}-",
+                                  restore_network=network)
     made: list[str] = []
     try:
         volume, mountpoint = await volume_dir(docker, storage, "w1", made)
@@ -275,7 +277,8 @@ async def run(args: argparse.Namespace) -> None:
         files, written = await asyncio.to_thread(generate_tree, mountpoint, total)
         print(f"data: {written / MiB:.0f} MiB in {files} files "
               f"(generated in {time.perf_counter() - began:.1f}s); helper image {image}; "
-              f"gzip level {args.level}; {os.cpu_count()} CPUs; best of {args.repeat}")
+              f"gzip level {args.level}; restore with {args.restore_with}; "
+              f"{os.cpu_count()} CPUs; best of {args.repeat}")
 
         timings, sizes = await measure(docker, storage, volume, mountpoint, work, args, made)
         mib = written / MiB
@@ -286,9 +289,10 @@ async def run(args: argparse.Namespace) -> None:
             ref_t, ours_t = timings.best(ref), timings.best(ours)
             pairs = timings.pair_ratios(ref, ours)
             print(f"{name}: reference ({ref_name}) {mib / ref_t:7.1f} MiB/s "
-                  f"[{ref_t:.2f}s, cpu {timings.cpu[ref]:.1f}s] | CodeHub "
-                  f"{mib / ours_t:7.1f} MiB/s [{ours_t:.2f}s, cpu {timings.cpu[ours]:.1f}s "
-                  f"+ Docker {timings.docker_cpu[ours]:.1f}s] | "
+                  f"[{ref_t:.2f}s, cpu {timings.cpu[ref]:.1f}s, machine "
+                  f"{timings.machine_cpu[ref]:.1f}s] | CodeHub "
+                  f"{mib / ours_t:7.1f} MiB/s [{ours_t:.2f}s, cpu {timings.cpu[ours]:.1f}s, "
+                  f"machine {timings.machine_cpu[ours]:.1f}s] | "
                   f"ratio {ref_t / ours_t:.2f} (best of each), "
                   f"{statistics.median(pairs):.2f} (median of pairs: "
                   f"{' '.join(f'{r:.2f}' for r in pairs)})")
@@ -297,6 +301,9 @@ async def run(args: argparse.Namespace) -> None:
             for name in reversed(made):
                 await storage.purge(name, None)
             await objects.delete(DockerVolumeStorage.archive_key("w1"))
+            if network is not None:
+                with contextlib.suppress(aiodocker.DockerError):
+                    await (await docker.networks.get(network.name)).delete()
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"kept: volumes {made}, work dir {work}")
@@ -312,6 +319,8 @@ def main() -> None:
     parser.add_argument("--image", default=None,
                         help="image for the helper containers (default: any local image)")
     parser.add_argument("--level", type=int, default=1, help="gzip level (default 1)")
+    parser.add_argument("--restore-with", choices=("tar", "put-archive"), default="tar",
+                        help="archive.restore_with (default tar, as the gateway's default)")
     parser.add_argument("--docker-url", default=None, help="Docker API URL")
     parser.add_argument("--work-dir", default=None,
                         help="where the reference archive and restore go (default: $TMPDIR)")

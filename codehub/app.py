@@ -23,6 +23,7 @@ from .reconciler.controller import Controller, Schedule
 from .reconciler.leader import LeaderElector
 from .reconciler.reconciler import EventLog, Policy, Reconciler
 from .runtime.docker import DockerInstanceController
+from .runtime.network import BridgeNetwork
 from .storage.objects import LocalObjectStore, S3ObjectStore
 from .storage.volumes import DockerVolumeStorage
 
@@ -131,7 +132,10 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
         docker=docker, objects=app[keys.OBJECTS],
         helper_image=cfg.archive.helper_image or cfg.docker.workspace_image,
         compression_level=cfg.archive.compression_level,
-        volume_prefix=cfg.docker.volume_prefix)
+        volume_prefix=cfg.docker.volume_prefix,
+        restore_network=BridgeNetwork(
+            docker, f"{cfg.docker.network}-restore", cfg.docker.gateway_container or None,
+        ) if cfg.archive.restore_with == "tar" else None)
     app[keys.INSTANCES] = instances
     app[keys.STORAGE] = storage
     clock = SystemClock()

@@ -120,6 +120,13 @@ class ArchiveConfig:
         "", "Image for created-never-started helper containers that mount a volume for "
         "archive/restore (nothing runs in it; it must be present on the engine). Empty: "
         "docker.workspace_image.")
+    restore_with: str = setting(
+        "tar", "How a restore fills the new volume. tar: GNU tar (bash and tar from "
+        "helper_image, as root, no network but a bridge `<docker.network>-restore` that "
+        "only helpers join, read-only root, few capabilities) reads the verified stream "
+        "from this process over a one-time authenticated TCP connection; dockerd is not "
+        "in the data path (~1.5x faster). put-archive: Docker's archive API; nothing "
+        "runs in any image.", choices=("tar", "put-archive"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from codehub.model import DesiredState, Status, Workspace
 from codehub.reconciler.controller import Controller, Schedule
 from codehub.reconciler.reconciler import EventLog, Policy, Reconciler
 from codehub.runtime.docker import DockerInstanceController
+from codehub.runtime.network import BridgeNetwork
 from codehub.storage.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 from codehub.store import Store
@@ -188,7 +189,8 @@ async def make_stack(*, database_url: str, hints: HintBus, s3_settings: dict[str
         docker=docker, network=f"{prefix}-net", name_prefix=f"{prefix}-ws-",
         memory_limit_bytes=256 << 20, start_timeout=60)
     storage = DockerVolumeStorage(docker=docker, objects=objects, helper_image=image,
-                                  volume_prefix=f"{prefix}-home-")
+                                  volume_prefix=f"{prefix}-home-",
+                                  restore_network=BridgeNetwork(docker, f"{prefix}-restore"))
     clock = FakeClock(start=datetime.now(UTC))
     stack = Stack(pool=pool, store=Store(pool), docker=docker, objects=objects,
                   instances=instances, storage=storage, hints=hints, clock=clock,

@@ -16,6 +16,7 @@ from typing import Any
 import aiodocker
 import pytest
 
+from codehub.runtime.network import BridgeNetwork
 from codehub.storage.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
@@ -33,9 +34,12 @@ def s3_objects(settings: dict[str, str]) -> S3ObjectStore:
 
 
 def make_storage(docker: aiodocker.Docker, objects: S3ObjectStore, prefix: str,
-                 image: str) -> DockerVolumeStorage:
+                 image: str, restore_with: str = "tar") -> DockerVolumeStorage:
+    """As the gateway makes it; restores through a tar helper on a network of the test's
+    own (`<prefix>-restore`), or through Docker's put-archive."""
+    network = BridgeNetwork(docker, f"{prefix}-restore") if restore_with == "tar" else None
     return DockerVolumeStorage(docker=docker, objects=objects, helper_image=image,
-                               volume_prefix=f"{prefix}-home-")
+                               volume_prefix=f"{prefix}-home-", restore_network=network)
 
 
 async def _with_helper(docker: aiodocker.Docker, volume: str, image: str, read_only: bool

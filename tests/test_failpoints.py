@@ -41,6 +41,7 @@ PURGE_POINTS = ["purge.before_volume_delete"]
 CHILD = r"""
 import asyncio, json, sys
 import aiodocker
+from codehub.runtime.network import BridgeNetwork
 from codehub.storage.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
@@ -51,7 +52,8 @@ async def main():
             S3ObjectStore(**args["s3"]) as objects:
         storage = DockerVolumeStorage(docker=docker, objects=objects,
                                       helper_image=args["image"],
-                                      volume_prefix=args["volume_prefix"])
+                                      volume_prefix=args["volume_prefix"],
+                                      restore_network=BridgeNetwork(docker, args["network"]))
         if args["op"] == "archive":
             await storage.archive("w1", args["volume"])
         elif args["op"] == "restore":
@@ -80,7 +82,8 @@ async def run_child(point: str | None, args: dict[str, Any]) -> tuple[int, str]:
 def child_args(docker_engine: Any, s3_settings: dict[str, str], workspace_image: str,
                docker_prefix: str) -> dict[str, Any]:
     return {"docker_url": docker_engine.url, "image": workspace_image,
-            "volume_prefix": f"{docker_prefix}-home-", "s3": s3_settings}
+            "volume_prefix": f"{docker_prefix}-home-", "s3": s3_settings,
+            "network": f"{docker_prefix}-restore"}
 
 
 async def filled_volume(storage: DockerVolumeStorage, docker: aiodocker.Docker, image: str,

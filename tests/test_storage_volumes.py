@@ -73,9 +73,11 @@ async def test_provision_refuses_a_volume_that_is_not_ours(
     await docker.volumes.get(f"{docker_prefix}-home-w1")  # untouched
 
 
+@pytest.mark.parametrize("restore_with", ["tar", "put-archive"])
 async def test_round_trip_keeps_modes_owners_links_empty_dirs_big_and_odd_files(
-        storage: DockerVolumeStorage, objects: S3ObjectStore, docker: aiodocker.Docker,
+        restore_with: str, objects: S3ObjectStore, docker: aiodocker.Docker,
         workspace_image: str, docker_prefix: str, tmp_path: Path) -> None:
+    storage = make_storage(docker, objects, docker_prefix, workspace_image, restore_with)
     volume = await storage.provision("w1")
     await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=200 * MiB,
                       small_files=2000)
@@ -127,9 +129,11 @@ async def test_archive_is_plain_gzip_of_a_tar_rooted_at_coder(
     assert gzip.decompress(blob) == plain
 
 
+@pytest.mark.parametrize("restore_with", ["tar", "put-archive"])
 async def test_restore_of_a_corrupted_archive_raises_and_keeps_the_archive(
-        storage: DockerVolumeStorage, objects: S3ObjectStore, docker: aiodocker.Docker,
+        restore_with: str, objects: S3ObjectStore, docker: aiodocker.Docker,
         workspace_image: str, docker_prefix: str, tmp_path: Path) -> None:
+    storage = make_storage(docker, objects, docker_prefix, workspace_image, restore_with)
     volume = await storage.provision("w1")
     await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=3 * MiB)
     info = await storage.archive("w1", volume)
@@ -406,3 +410,85 @@ def test_manifest_sees_every_field_it_compares() -> None:
     with tarfile.open(fileobj=other, mode="w") as tf:
         tf.addfile(_member("coder/x", size=3, mode=0o600), io.BytesIO(b"abd"))
     assert manifest_of_tar(io.BytesIO(other.getvalue())) != base
+
+
+# --- the tar helper (archive.restore_with = "tar") ------------------------------------------
+
+
+async def test_tar_helper_is_confined_to_the_restore_network_with_a_read_only_root(
+        storage: DockerVolumeStorage, docker: aiodocker.Docker, workspace_image: str,
+        docker_prefix: str, tmp_path: Path) -> None:
+    volume = await storage.provision("w1")
+    await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=8 * MiB)
+    info = await storage.archive("w1", volume)
+    await storage.purge(volume, None)
+    seen: list[dict[str, Any]] = []
+    helper = f"{storage.restored_volume_name('w1', info.sha256)}-restorer"
+
+    async def look(progress: Progress) -> None:
+        if progress.phase == "downloading" and not seen:
+            seen.append(await (await docker.containers.get(helper)).show())
+
+    await storage.restore("w1", info.key, info.sha256, progress=look)
+    assert seen, "the helper was never seen running"
+    config, host = seen[0]["Config"], seen[0]["HostConfig"]
+    assert seen[0]["State"]["Running"]
+    assert list(seen[0]["NetworkSettings"]["Networks"]) == [f"{docker_prefix}-restore"]
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"] and "NET_RAW" not in host["CapAdd"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert not host.get("PortBindings") and not host.get("PublishAllPorts")
+    assert config["Labels"][LABEL_MANAGED_BY] == "codehub"
+    assert config["Labels"][LABEL_WORKSPACE_ID] == "w1"
+    token = [e for e in config["Env"] if e.startswith("CODEHUB_FEED_TOKEN=")]
+    assert len(token) == 1 and len(token[0].split("=", 1)[1]) == 64
+    assert await our_leftovers(docker, docker_prefix) == (
+        [storage.restored_volume_name("w1", info.sha256)], [])
+
+
+async def test_restore_whose_tar_helper_dies_midway_fails_and_leaves_no_volume(
+        storage: DockerVolumeStorage, docker: aiodocker.Docker, objects: S3ObjectStore,
+        workspace_image: str, docker_prefix: str, tmp_path: Path) -> None:
+    volume = await storage.provision("w1")
+    await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=48 * MiB)
+    info = await storage.archive("w1", volume)
+    await storage.purge(volume, None)
+    helper = f"{storage.restored_volume_name('w1', info.sha256)}-restorer"
+    killed: list[str] = []
+
+    async def kill(progress: Progress) -> None:
+        if progress.phase == "downloading" and not killed:
+            await docker.containers.container(helper).kill()
+            killed.append(helper)
+
+    with pytest.raises(AdapterError, match="restorer"):
+        await storage.restore("w1", info.key, info.sha256, progress=kill)
+    assert killed
+    assert await our_leftovers(docker, docker_prefix) == ([], [])
+    assert (await objects.head(info.key)) is not None
+    assert await storage.restore("w1", info.key, info.sha256)  # the archive still works
+
+
+async def test_tar_helper_image_without_bash_is_a_permanent_error_naming_the_setting(
+        objects: S3ObjectStore, docker: aiodocker.Docker, workspace_image: str,
+        docker_prefix: str, tmp_path: Path) -> None:
+    storage = make_storage(docker, objects, docker_prefix, workspace_image)
+    volume = await storage.provision("w1")
+    info = await storage.archive("w1", volume)
+    await storage.purge(volume, None)
+    image = "codehub-test-no-shell:latest"
+    layer = io.BytesIO()
+    text = b"an image with nothing to run\n"
+    with tarfile.open(fileobj=layer, mode="w") as tf:
+        tf.addfile(_member("README", size=len(text)), io.BytesIO(text))
+    async with docker._query("images/create", "POST", data=layer.getvalue(),
+                             params={"fromSrc": "-", "repo": "codehub-test-no-shell",
+                                     "tag": "latest"},
+                             headers={"Content-Type": "application/x-tar"}) as resp:
+        await resp.read()
+    bare = make_storage(docker, objects, docker_prefix, image)
+    with pytest.raises(PermanentError, match=r"archive\.restore_with") as caught:
+        await bare.restore("w1", info.key, info.sha256)
+    assert image in str(caught.value)
+    assert await our_leftovers(docker, docker_prefix) == ([], [])
+    assert await storage.restore("w1", info.key, info.sha256)

@@ -20,10 +20,11 @@ Guarantees:
   create an empty one and the workspace would come up on a blank home.
 - `get_status()` changes nothing and costs one inspect plus, for a running container, one
   HTTP probe of at most `probe_timeout` seconds.
-- The network is created on first use when missing (bridge, `Internal: true`: workspaces
-  reach nothing outside it, and nothing outside reaches them but the host and containers
-  joined to it). When the gateway runs in a container (`gateway_container`), that container
-  is joined to the network so the addresses `resolve_upstream()` returns work from it too.
+- The network is created on first use when missing (codehub.runtime.network: bridge,
+  `Internal: true`: workspaces reach nothing outside it, and nothing outside reaches them
+  but the host and containers joined to it). When the gateway runs in a container
+  (`gateway_container`), that container is joined to the network so the addresses
+  `resolve_upstream()` returns work from it too.
 
 Reachability: on a Linux engine the host holds the bridge's gateway address, so a process
 on the host reaches container addresses on an internal bridge directly (checked on Docker
@@ -62,6 +63,7 @@ from ..interfaces import (
     UpstreamInfo,
 )
 from ..model import InstanceState
+from .network import BridgeNetwork
 
 ROLE_WORKSPACE = "workspace"
 LABEL_SPEC = "codehub.spec"
@@ -127,12 +129,10 @@ class DockerInstanceController(InstanceController):
         self._port = port
         self._health_path = health_path if health_path.startswith("/") else "/" + health_path
         self._start_timeout = start_timeout
-        self._gateway_container = gateway_container or None
+        self._bridge = BridgeNetwork(docker, network, gateway_container)
         self._probe_timeout = probe_timeout
         self._poll_interval = poll_interval
         self._session: aiohttp.ClientSession | None = None
-        self._network_ready = False
-        self._network_lock = asyncio.Lock()
 
     async def close(self) -> None:
         """Release the probe session. Idempotent."""
@@ -149,7 +149,7 @@ class DockerInstanceController(InstanceController):
     async def start(self, workspace_id: str, image_ref: str, volume_name: str) -> None:
         name = self.container_name(workspace_id)
         await self._require_volume(volume_name)
-        await self._ensure_network()
+        await self._bridge.ensure()
         spec = self._spec(image_ref, volume_name)
         info = await self._inspect(name)
         if info is None or not await self._reusable(info, spec):
@@ -323,8 +323,8 @@ class DockerInstanceController(InstanceController):
                     await self._remove(name)
                     continue
                 if attempt == 1 and exc.status == 404 and "network" in exc.message.lower():
-                    self._network_ready = False  # removed behind our back
-                    await self._ensure_network()
+                    self._bridge.forget()  # removed behind our back
+                    await self._bridge.ensure()
                     continue
                 raise _docker_failure(f"creating {name}", exc) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -346,49 +346,6 @@ class DockerInstanceController(InstanceController):
         except aiodocker.DockerError as exc:
             raise PermanentError(f"image {image_ref!r} is not present and could not be "
                                  f"pulled: {exc.message}") from exc
-
-    async def _ensure_network(self) -> None:
-        if self._network_ready:
-            return
-        async with self._network_lock:
-            if self._network_ready:
-                return
-            try:
-                await self._create_network_if_missing()
-                if self._gateway_container:
-                    await self._join_gateway()
-            except _TRANSPORT_ERRORS as exc:
-                raise _docker_failure(f"preparing network {self.network}", exc) from exc
-            self._network_ready = True
-
-    async def _create_network_if_missing(self) -> None:
-        try:
-            await self._docker.networks.get(self.network)
-            return
-        except aiodocker.DockerError as exc:
-            if exc.status != 404:
-                raise
-        try:
-            await self._docker.networks.create({
-                "Name": self.network, "Driver": "bridge", "Internal": True,
-                "CheckDuplicate": True,
-                "Labels": {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE},
-            })
-        except aiodocker.DockerError as exc:
-            if exc.status != 409:  # created concurrently
-                raise
-
-    async def _join_gateway(self) -> None:
-        assert self._gateway_container is not None
-        gateway = await self._docker.containers.get(self._gateway_container)
-        if self.network in (gateway["NetworkSettings"].get("Networks") or {}):
-            return
-        network = await self._docker.networks.get(self.network)
-        try:
-            await network.connect({"Container": self._gateway_container})
-        except aiodocker.DockerError as exc:
-            if "already exists" not in exc.message:
-                raise
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -429,10 +386,14 @@ class DockerInstanceController(InstanceController):
             await asyncio.sleep(min(self._poll_interval, max(0.0, deadline - loop.time())))
 
     async def _log_tail(self, name: str) -> str:
-        with contextlib.suppress(*_TRANSPORT_ERRORS):
-            lines = await self._docker.containers.container(name).log(
-                stdout=True, stderr=True, tail=LOG_LINES,
-                timeout=aiohttp.ClientTimeout(total=10))
-            text = "".join(lines).rstrip()
-            return f"; last log lines:\n{text}" if text else "; no log output"
-        return "; logs unavailable"
+        return await log_tail(self._docker, name)
+
+
+async def log_tail(docker: aiodocker.Docker, name: str, lines: int = LOG_LINES) -> str:
+    """"; last log lines:\n..." of a container, for an error message; never raises."""
+    with contextlib.suppress(*_TRANSPORT_ERRORS):
+        got = await docker.containers.container(name).log(
+            stdout=True, stderr=True, tail=lines, timeout=aiohttp.ClientTimeout(total=10))
+        text = "".join(got).rstrip()
+        return f"; last log lines:\n{text}" if text else "; no log output"
+    return "; logs unavailable"

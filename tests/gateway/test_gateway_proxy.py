@@ -8,9 +8,11 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 
+import pytest
 from gateway_support import ECHO_ID, Stack, client, wait_for
 
 from codehub.gateway import auth
+from codehub.gateway.upstream import UpstreamConnection
 from codehub.model import Operation, Status
 
 PATTERN = bytes(range(256)) * 4096  # 1 MiB of the echo image's download pattern
@@ -245,17 +247,29 @@ async def test_slow_responses_are_not_cut_by_a_timeout(stack: Stack) -> None:
         assert (await resp.json()) == {"slept": 6.0}
 
 
-async def test_keep_alive_connections_to_the_workspace_are_reused(stack: Stack) -> None:
+async def test_keep_alive_connections_to_the_workspace_are_reused(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     await stack.add()
+    pool = stack.gw.pool
+    reused: list[bool] = []
+    acquire = pool.acquire
+
+    async def counting_acquire(host: str, port: int) -> tuple[UpstreamConnection, bool]:
+        conn, was_reused = await acquire(host, port)
+        reused.append(was_reused)
+        return conn, was_reused
+
+    monkeypatch.setattr(pool, "acquire", counting_acquire)
     async with client() as http:
         for _ in range(20):
             async with http.get(stack.url("/w/echo/"), headers=stack.headers()) as resp:
                 assert resp.status == 200
+    assert len(reused) == 20 and reused.count(False) <= 2, reused
     # A body with a Content-Length is complete for the client once its last byte is
     # written; the handler returns the connection to the pool just after that.
-    await wait_for(lambda: stack.gw.pool.stats()[1] == 0, timeout=5)
-    idle, busy = stack.gw.pool.stats()
-    assert busy == 0 and 1 <= idle <= 2
+    await wait_for(lambda: pool.stats()[1] == 0, timeout=5)
+    idle, busy = pool.stats()
+    assert busy == 0 and idle <= 2
 
 
 async def test_cached_route_serves_requests_without_database_queries(stack: Stack) -> None:
