@@ -57,6 +57,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from codehub.config import DockerConfig
 from codehub.runtime.network import BridgeNetwork
 from codehub.storage.objects import LocalObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
@@ -173,12 +174,18 @@ def reference_restore(archive: Path, dest: Path) -> tuple[float, float, float]:
 
 
 async def pick_image(docker: aiodocker.Docker, wanted: str | None) -> str:
+    """--image, else the gateway's default workspace image or a CodeHub-built one (they
+    have the bash and tar the restore helper runs), else any local image."""
     if wanted:
         return wanted
-    for image in await docker.images.list():
-        for tag in image.get("RepoTags") or []:
-            if tag != "<none>:<none>":
-                return str(tag)
+    tags = [str(tag) for image in await docker.images.list()
+            for tag in image.get("RepoTags") or [] if tag != "<none>:<none>"]
+    for preferred in (DockerConfig().workspace_image, "codehub-code-server:latest",
+                      "codehub-base:latest"):
+        if preferred in tags:
+            return preferred
+    if tags:
+        return tags[0]
     raise SystemExit("no local image to use for helper containers: pass --image")
 
 

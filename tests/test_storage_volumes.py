@@ -486,9 +486,28 @@ async def test_tar_helper_image_without_bash_is_a_permanent_error_naming_the_set
                                      "tag": "latest"},
                              headers={"Content-Type": "application/x-tar"}) as resp:
         await resp.read()
-    bare = make_storage(docker, objects, docker_prefix, image)
-    with pytest.raises(PermanentError, match=r"archive\.restore_with") as caught:
-        await bare.restore("w1", info.key, info.sha256)
-    assert image in str(caught.value)
+    try:
+        bare = make_storage(docker, objects, docker_prefix, image)
+        with pytest.raises(PermanentError, match=r"archive\.restore_with") as caught:
+            await bare.restore("w1", info.key, info.sha256)
+        assert image in str(caught.value)
+    finally:
+        await docker.images.delete(image, force=True)
     assert await our_leftovers(docker, docker_prefix) == ([], [])
     assert await storage.restore("w1", info.key, info.sha256)
+
+
+async def test_restore_makes_its_network_again_when_it_was_removed_behind_its_back(
+        storage: DockerVolumeStorage, docker: aiodocker.Docker, workspace_image: str,
+        docker_prefix: str, tmp_path: Path) -> None:
+    volume = await storage.provision("w1")
+    await fill_volume(docker, volume, workspace_image, tmp_path)
+    expected = await manifest(docker, volume, workspace_image)
+    info = await storage.archive("w1", volume)
+    await storage.purge(volume, None)
+    first = await storage.restore("w1", info.key, info.sha256)
+    await storage.purge(first, None)
+    await (await docker.networks.get(f"{docker_prefix}-restore")).delete()
+    again = await storage.restore("w1", info.key, info.sha256)
+    assert await manifest(docker, again, workspace_image) == expected
+    await docker.networks.get(f"{docker_prefix}-restore")  # there again

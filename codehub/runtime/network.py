@@ -57,23 +57,36 @@ class BridgeNetwork:
         self._ready = False
 
     async def own_address(self) -> str:
-        await self.ensure()
+        """Checks the network on every call: one removed behind our back is made again (and
+        this process's container joined to it again)."""
+        for attempt in (1, 2):
+            await self.ensure()
+            try:
+                address = await self._lookup_own_address()
+            except _TRANSPORT_ERRORS as exc:
+                raise _failure(f"finding this process's address on network {self.name}",
+                               exc) from exc
+            if address:
+                return address
+            if attempt == 1:
+                self.forget()
+        where = (f"container {self._gateway_container}" if self._gateway_container
+                 else "the host")
+        raise AdapterError(f"{where} has no IPv4 address on network {self.name}")
+
+    async def _lookup_own_address(self) -> str:
+        """"" when the network (or this container's place on it) is missing."""
+        if self._gateway_container:
+            info = await self._docker.containers.get(self._gateway_container)
+            attached = (info["NetworkSettings"].get("Networks") or {}).get(self.name) or {}
+            return str(attached.get("IPAddress") or "")
         try:
-            if self._gateway_container:
-                info = await self._docker.containers.get(self._gateway_container)
-                attached = (info["NetworkSettings"].get("Networks") or {}).get(self.name) or {}
-                address = str(attached.get("IPAddress") or "")
-            else:
-                network = await self._docker.networks.get(self.name)
-                address = _bridge_gateway(await network.show())
-        except _TRANSPORT_ERRORS as exc:
-            raise _failure(f"finding this process's address on network {self.name}",
-                           exc) from exc
-        if not address:
-            where = (f"container {self._gateway_container}" if self._gateway_container
-                     else "the host")
-            raise AdapterError(f"{where} has no IPv4 address on network {self.name}")
-        return address
+            network = await self._docker.networks.get(self.name)
+            return _bridge_gateway(await network.show())
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return ""
+            raise
 
     async def _create_if_missing(self) -> None:
         try:
