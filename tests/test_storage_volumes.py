@@ -37,6 +37,7 @@ import codehub.storage.volumes as volumes_module
 from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
 from codehub.interfaces import AdapterError, IntegrityError, PermanentError, Progress
 from codehub.model import VolumeState
+from codehub.runtime.network import BridgeNetwork
 from codehub.storage.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
@@ -511,3 +512,25 @@ async def test_restore_makes_its_network_again_when_it_was_removed_behind_its_ba
     again = await storage.restore("w1", info.key, info.sha256)
     assert await manifest(docker, again, workspace_image) == expected
     await docker.networks.get(f"{docker_prefix}-restore")  # there again
+
+
+class _EngineElsewhere(BridgeNetwork):
+    """Fault: the engine is on another host, so the network's address is not this one's."""
+
+    async def own_address(self) -> str:
+        return "192.0.2.1"  # TEST-NET-1: never a local address
+
+
+async def test_tar_restore_with_a_remote_engine_is_a_permanent_error_naming_the_setting(
+        storage: DockerVolumeStorage, objects: S3ObjectStore, docker: aiodocker.Docker,
+        docker_prefix: str) -> None:
+    volume = await storage.provision("w1")
+    info = await storage.archive("w1", volume)
+    await storage.purge(volume, None)
+    remote = DockerVolumeStorage(
+        docker=docker, objects=objects, helper_image="unused:never",
+        volume_prefix=f"{docker_prefix}-home-",
+        restore_network=_EngineElsewhere(docker, f"{docker_prefix}-restore"))
+    with pytest.raises(PermanentError, match=r"restore_with = put-archive"):
+        await remote.restore("w1", info.key, info.sha256)
+    assert await our_leftovers(docker, docker_prefix) == ([], [])

@@ -33,6 +33,10 @@ WRITE_BUFFER = 4 * 1024 * 1024  # bytes queued in the transport before drain() w
 UNACKED_TIMEOUT = 120.0  # seconds sent data may stay unacknowledged before the send fails
 
 
+class ListenError(AdapterError):
+    """This process cannot listen on the address given (it is not one of its own)."""
+
+
 class FeedConnection:
     """The accepted connection: write the stream, then `finish()`, or `abort()`."""
 
@@ -88,7 +92,7 @@ class FeedListener:
             self._server = await asyncio.start_server(self._on_connect, self.host, 0,
                                                       backlog=8, reuse_address=True)
         except OSError as exc:
-            raise AdapterError(f"cannot listen on {self.host} for a helper's connection: "
+            raise ListenError(f"cannot listen on {self.host} for a helper's connection: "
                                f"{exc}") from exc
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -145,7 +149,7 @@ class FeedListener:
             if token_ok and peer and peer[0] == expected and not self._accepted.done():
                 self._accepted.set_result(writer)
                 accepted = True
-        except (TimeoutError, OSError, AdapterError):
+        except Exception:  # a slow, garbled or unknown peer (or an engine error): refused
             pass
         finally:
             if not accepted:

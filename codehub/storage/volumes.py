@@ -90,7 +90,7 @@ from ..interfaces import (
 from ..model import VolumeState
 from ..runtime.docker import log_tail
 from ..runtime.network import BridgeNetwork
-from .feed import FeedConnection, FeedListener
+from .feed import FeedConnection, FeedListener, ListenError
 
 isal_zlib: Any
 try:
@@ -498,55 +498,70 @@ class DockerVolumeStorage(StorageProvider):
             attached = (info["NetworkSettings"].get("Networks") or {}).get(network.name) or {}
             return str(attached.get("IPAddress") or "")
 
-        async with FeedListener(host, helper_address) as listener:
-            await self._create_helper(volume, workspace_id, "restorer", read_only=False,
-                                      run=_tar_helper(network.name, listener))
-            with _docker_errors(f"starting {name}"):
-                try:
-                    await self._docker.containers.container(name).start()
-                except aiodocker.DockerError as exc:
-                    if exc.status in (400, 500) and "exec" in exc.message:
-                        raise PermanentError(
-                            f"helper image {self._helper_image!r} cannot run bash for a "
-                            f"restore ({exc.message}); give archive.helper_image an image "
-                            f"with bash and GNU tar, or set archive.restore_with = "
-                            f"put-archive") from exc
-                    raise
-            exited = asyncio.ensure_future(
-                self._docker.containers.container(name).wait(timeout=None))
+        try:
+            async with FeedListener(host, helper_address) as listener:
+                await self._run_tar_helper(listener, network, volume, workspace_id, key,
+                                           size, expected, report)
+        except ListenError as exc:
+            raise PermanentError(
+                f"{exc}: this process must run on the Docker host or in a container on it "
+                f"(docker.gateway_container); with a remote engine set archive.restore_with "
+                f"= put-archive") from exc
+        return f"{volume}-restorer"
+
+    async def _run_tar_helper(self, listener: FeedListener, network: BridgeNetwork,
+                              volume: str, workspace_id: str, key: str, size: int,
+                              expected: str, report: _Reporter) -> None:
+        """Create and start the helper, feed it once it connected, and check tar's exit."""
+        name = f"{volume}-restorer"
+        await self._create_helper(volume, workspace_id, "restorer", read_only=False,
+                                  run=_tar_helper(network.name, listener))
+        with _docker_errors(f"starting {name}"):
             try:
-                with _docker_errors(f"waiting for {name} to connect"):
-                    try:
-                        conn = await listener.accept(exited, CONNECT_TIMEOUT)
-                    except AdapterError as exc:
-                        raise AdapterError(f"{name}: {exc}{await log_tail(self._docker, name)}"
-                                           ) from exc
-                # tar dying leaves the stream unread but not always reset (its network
-                # namespace goes with it): watch the helper while feeding it.
-                feeding = asyncio.create_task(
-                    self._feed(conn, name, key, size, expected, report))
+                await self._docker.containers.container(name).start()
+            except aiodocker.DockerError as exc:
+                if exc.status in (400, 500) and "exec" in exc.message:
+                    raise PermanentError(
+                        f"helper image {self._helper_image!r} cannot run bash for a "
+                        f"restore ({exc.message}); give archive.helper_image an image "
+                        f"with bash and GNU tar, or set archive.restore_with = "
+                        f"put-archive") from exc
+                raise
+        exited = asyncio.ensure_future(
+            self._docker.containers.container(name).wait(timeout=None))
+        try:
+            with _docker_errors(f"waiting for {name} to connect"):
                 try:
-                    await asyncio.wait({feeding, exited}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not feeding.done():
-                        feeding.cancel()
-                    await asyncio.wait([feeding])
-                if not feeding.cancelled():
-                    feeding.result()  # raises the feed's failure
-                else:
-                    with _docker_errors(f"waiting for tar in {name}"):
-                        status = exited.result()
-                    raise AdapterError(
-                        f"tar in {name} exited with {status.get('StatusCode')} before it read "
-                        f"all of {key}{await log_tail(self._docker, name)}")
-                with _docker_errors(f"waiting for tar in {name}"):
-                    status = await asyncio.wait_for(asyncio.shield(exited), EXIT_TIMEOUT)
+                    conn = await listener.accept(exited, CONNECT_TIMEOUT)
+                except AdapterError as exc:
+                    raise AdapterError(f"{name}: {exc}{await log_tail(self._docker, name)}"
+                                       ) from exc
+            # tar dying leaves the stream unread but not always reset (its network
+            # namespace goes with it): watch the helper while feeding it.
+            feeding = asyncio.create_task(
+                self._feed(conn, name, key, size, expected, report))
+            try:
+                await asyncio.wait({feeding, exited}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not exited.done():
-                    exited.cancel()
-                await asyncio.wait([exited])
-                if not exited.cancelled():
-                    exited.exception()  # retrieved: raised above or superseded
+                if not feeding.done():
+                    feeding.cancel()
+                await asyncio.wait([feeding])
+            if not feeding.cancelled():
+                feeding.result()  # raises the feed's failure
+            else:
+                with _docker_errors(f"waiting for tar in {name}"):
+                    status = exited.result()
+                raise AdapterError(
+                    f"tar in {name} exited with {status.get('StatusCode')} before it read "
+                    f"all of {key}{await log_tail(self._docker, name)}")
+            with _docker_errors(f"waiting for tar in {name}"):
+                status = await asyncio.wait_for(asyncio.shield(exited), EXIT_TIMEOUT)
+        finally:
+            if not exited.done():
+                exited.cancel()
+            await asyncio.wait([exited])
+            if not exited.cancelled():
+                exited.exception()  # retrieved: raised above or superseded
         code = status.get("StatusCode")
         if code != 0:
             if code in (126, 127):
@@ -556,7 +571,6 @@ class DockerVolumeStorage(StorageProvider):
                     f"{await log_tail(self._docker, name)}")
             raise AdapterError(f"tar in {name} exited with {code} extracting {key}"
                                f"{await log_tail(self._docker, name)}")
-        return name
 
     async def _feed(self, conn: FeedConnection, helper: str, key: str, size: int,
                     expected: str, report: _Reporter) -> None:
