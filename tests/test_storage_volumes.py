@@ -534,3 +534,29 @@ async def test_tar_restore_with_a_remote_engine_is_a_permanent_error_naming_the_
     with pytest.raises(PermanentError, match=r"restore_with = put-archive"):
         await remote.restore("w1", info.key, info.sha256)
     assert await our_leftovers(docker, docker_prefix) == ([], [])
+
+
+class _UnreachableFromTheNetwork(BridgeNetwork):
+    """Fault: an address this process can listen on that the helper cannot reach (inside the
+    helper's own network namespace, 127.0.0.1 is the helper itself)."""
+
+    async def own_address(self) -> str:
+        await self.ensure()
+        return "127.0.0.1"
+
+
+async def test_tar_helper_that_cannot_connect_fails_with_its_own_words_and_leaves_nothing(
+        storage: DockerVolumeStorage, objects: S3ObjectStore, docker: aiodocker.Docker,
+        workspace_image: str, docker_prefix: str) -> None:
+    volume = await storage.provision("w1")
+    info = await storage.archive("w1", volume)
+    await storage.purge(volume, None)
+    cut_off = DockerVolumeStorage(
+        docker=docker, objects=objects, helper_image=workspace_image,
+        volume_prefix=f"{docker_prefix}-home-",
+        restore_network=_UnreachableFromTheNetwork(docker, f"{docker_prefix}-restore"))
+    with pytest.raises(AdapterError, match="finished before it connected") as caught:
+        await cut_off.restore("w1", info.key, info.sha256)
+    assert "Connection refused" in str(caught.value)  # bash's words, from the helper's log
+    assert "put-archive" in str(caught.value)
+    assert await our_leftovers(docker, docker_prefix) == ([], [])

@@ -534,8 +534,11 @@ class DockerVolumeStorage(StorageProvider):
                 try:
                     conn = await listener.accept(exited, CONNECT_TIMEOUT)
                 except AdapterError as exc:
-                    raise AdapterError(f"{name}: {exc}{await log_tail(self._docker, name)}"
-                                       ) from exc
+                    raise AdapterError(
+                        f"{name}: {exc} (it connects to {listener.host}:{listener.port} from "
+                        f"network {network.name}: a firewall on this host may drop it; "
+                        f"archive.restore_with = put-archive needs no connection)"
+                        f"{await log_tail(self._docker, name)}") from exc
             # tar dying leaves the stream unread but not always reset (its network
             # namespace goes with it): watch the helper while feeding it.
             feeding = asyncio.create_task(
