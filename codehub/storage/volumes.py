@@ -111,6 +111,7 @@ _END_OF_TAR = bytes(1024)  # two zero blocks
 _STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
 CONNECT_TIMEOUT = 60.0  # seconds a started tar helper gets to connect back
 EXIT_TIMEOUT = 600.0  # seconds tar gets to finish once it has the whole stream
+FEED_GRACE = 5.0  # seconds the feed gets to end by itself once tar has exited
 # The tar helper's program (bash, for its /dev/tcp): connect, authenticate, extract.
 # Numeric ids as in the archive; the top entry `coder/` is the mount point itself, so the
 # volume root's owner and mode come back too. Anything outside it would land on the
@@ -545,6 +546,8 @@ class DockerVolumeStorage(StorageProvider):
                 self._feed(conn, name, key, size, expected, report))
             try:
                 await asyncio.wait({feeding, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if not feeding.done():  # tar ended first; our last bytes may be in flight
+                    await asyncio.wait({feeding}, timeout=FEED_GRACE)
             finally:
                 if not feeding.done():
                     feeding.cancel()
