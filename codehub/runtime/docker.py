@@ -36,7 +36,6 @@ Lifecycle: call `close()` once at shutdown (it closes the HTTP session used for 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import re
@@ -63,13 +62,13 @@ from ..interfaces import (
     UpstreamInfo,
 )
 from ..model import InstanceState
+from .engine import TRANSPORT_ERRORS, docker_failure, ensure_image, log_tail
 from .network import BridgeNetwork
 
 ROLE_WORKSPACE = "workspace"
 LABEL_SPEC = "codehub.spec"
 HOME = "/home/coder"
 DEFAULT_COMMAND = ("--auth", "none", "--bind-addr", "0.0.0.0:8080")
-LOG_LINES = 20
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -77,15 +76,6 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 def _check_workspace_id(workspace_id: str) -> None:
     if not _ID.match(workspace_id):
         raise PermanentError(f"invalid workspace id {workspace_id!r}")
-
-
-def _docker_failure(what: str, exc: BaseException) -> AdapterError:
-    if isinstance(exc, aiodocker.DockerError):
-        return AdapterError(f"{what}: Docker said {exc.status}: {exc.message}")
-    return AdapterError(f"{what}: {type(exc).__name__}: {exc}")
-
-
-_TRANSPORT_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, TimeoutError)
 
 
 def _age_seconds(started_at: str) -> float:
@@ -156,13 +146,13 @@ class DockerInstanceController(InstanceController):
             if info is not None:
                 self._require_ours(info)
                 await self._remove(name)
-            await self._ensure_image(image_ref)
+            await ensure_image(self._docker, image_ref)
             await self._create(name, workspace_id, image_ref, volume_name, spec)
             try:
                 await self._docker.containers.container(name).start()
             except aiodocker.DockerError as exc:
                 if exc.status != 304:  # 304: already started
-                    raise _docker_failure(f"starting {name}", exc) from exc
+                    raise docker_failure(f"starting {name}", exc) from exc
         await self._wait_healthy(name)
 
     async def stop(self, workspace_id: str) -> None:
@@ -212,8 +202,8 @@ class DockerInstanceController(InstanceController):
                              f"{LABEL_ROLE}={ROLE_WORKSPACE}"]}
         try:
             found = await self._docker.containers.list(all=True, filters=json.dumps(filters))
-        except _TRANSPORT_ERRORS as exc:
-            raise _docker_failure("listing containers", exc) from exc
+        except TRANSPORT_ERRORS as exc:
+            raise docker_failure("listing containers", exc) from exc
         out = []
         for c in found:
             names = [n.lstrip("/") for n in c["Names"]]
@@ -263,9 +253,9 @@ class DockerInstanceController(InstanceController):
         except aiodocker.DockerError as exc:
             if exc.status == 404:
                 return None
-            raise _docker_failure(f"inspecting {name}", exc) from exc
+            raise docker_failure(f"inspecting {name}", exc) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _docker_failure(f"inspecting {name}", exc) from exc
+            raise docker_failure(f"inspecting {name}", exc) from exc
         return container._container
 
     async def _require_volume(self, volume_name: str) -> None:
@@ -276,9 +266,9 @@ class DockerInstanceController(InstanceController):
         except aiodocker.DockerError as exc:
             if exc.status == 404:
                 raise PermanentError(f"home volume {volume_name} does not exist") from exc
-            raise _docker_failure(f"inspecting volume {volume_name}", exc) from exc
+            raise docker_failure(f"inspecting volume {volume_name}", exc) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _docker_failure(f"inspecting volume {volume_name}", exc) from exc
+            raise docker_failure(f"inspecting volume {volume_name}", exc) from exc
 
     async def _remove(self, name: str) -> None:
         try:
@@ -288,9 +278,9 @@ class DockerInstanceController(InstanceController):
                 return
             if exc.status == 409 and "already in progress" in exc.message:
                 return
-            raise _docker_failure(f"removing {name}", exc) from exc
+            raise docker_failure(f"removing {name}", exc) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _docker_failure(f"removing {name}", exc) from exc
+            raise docker_failure(f"removing {name}", exc) from exc
 
     async def _create(self, name: str, workspace_id: str, image_ref: str, volume_name: str,
                       spec: str) -> None:
@@ -326,26 +316,9 @@ class DockerInstanceController(InstanceController):
                     self._bridge.forget()  # removed behind our back
                     await self._bridge.ensure()
                     continue
-                raise _docker_failure(f"creating {name}", exc) from exc
+                raise docker_failure(f"creating {name}", exc) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise _docker_failure(f"creating {name}", exc) from exc
-
-    async def _ensure_image(self, image_ref: str) -> None:
-        try:
-            await self._docker.images.inspect(image_ref)
-            return
-        except aiodocker.DockerError as exc:
-            if exc.status != 404:
-                raise _docker_failure(f"inspecting image {image_ref}", exc) from exc
-        try:
-            answer = await self._docker.images.pull(image_ref)
-            errors = [m["error"] for m in answer if isinstance(m, dict) and m.get("error")]
-            if errors:
-                raise aiodocker.DockerError(500, "; ".join(errors))
-            await self._docker.images.inspect(image_ref)
-        except aiodocker.DockerError as exc:
-            raise PermanentError(f"image {image_ref!r} is not present and could not be "
-                                 f"pulled: {exc.message}") from exc
+                raise docker_failure(f"creating {name}", exc) from exc
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -375,25 +348,12 @@ class DockerInstanceController(InstanceController):
             if not state.get("Running"):
                 raise AdapterError(
                     f"container {name} exited with code {state.get('ExitCode')} while starting"
-                    f"{await self._log_tail(name)}")
+                    f"{await log_tail(self._docker, name)}")
             address = self._address(info)
             if address is not None and await self._probe(address):
                 return
             if loop.time() >= deadline:
                 raise AdapterError(
                     f"container {name} did not answer {self._health_path} on port {self._port} "
-                    f"within {self._start_timeout:g}s{await self._log_tail(name)}")
+                    f"within {self._start_timeout:g}s{await log_tail(self._docker, name)}")
             await asyncio.sleep(min(self._poll_interval, max(0.0, deadline - loop.time())))
-
-    async def _log_tail(self, name: str) -> str:
-        return await log_tail(self._docker, name)
-
-
-async def log_tail(docker: aiodocker.Docker, name: str, lines: int = LOG_LINES) -> str:
-    """"; last log lines:\n..." of a container, for an error message; never raises."""
-    with contextlib.suppress(*_TRANSPORT_ERRORS):
-        got = await docker.containers.container(name).log(
-            stdout=True, stderr=True, tail=lines, timeout=aiohttp.ClientTimeout(total=10))
-        text = "".join(got).rstrip()
-        return f"; last log lines:\n{text}" if text else "; no log output"
-    return "; logs unavailable"

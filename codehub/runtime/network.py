@@ -19,12 +19,10 @@ import asyncio
 from typing import Any
 
 import aiodocker
-import aiohttp
 
 from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE
 from ..interfaces import AdapterError
-
-_TRANSPORT_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, TimeoutError)
+from .engine import TRANSPORT_ERRORS, docker_failure
 
 
 class BridgeNetwork:
@@ -48,8 +46,8 @@ class BridgeNetwork:
                 await self._create_if_missing()
                 if self._gateway_container:
                     await self._join_gateway()
-            except _TRANSPORT_ERRORS as exc:
-                raise _failure(f"preparing network {self.name}", exc) from exc
+            except TRANSPORT_ERRORS as exc:
+                raise docker_failure(f"preparing network {self.name}", exc) from exc
             self._ready = True
 
     def forget(self) -> None:
@@ -63,9 +61,9 @@ class BridgeNetwork:
             await self.ensure()
             try:
                 address = await self._lookup_own_address()
-            except _TRANSPORT_ERRORS as exc:
-                raise _failure(f"finding this process's address on network {self.name}",
-                               exc) from exc
+            except TRANSPORT_ERRORS as exc:
+                raise docker_failure(
+                    f"finding this process's address on network {self.name}", exc) from exc
             if address:
                 return address
             if attempt == 1:
@@ -124,9 +122,3 @@ def _bridge_gateway(info: dict[str, Any]) -> str:
         if gateway and ":" not in gateway:
             return gateway
     return ""
-
-
-def _failure(what: str, exc: BaseException) -> AdapterError:
-    if isinstance(exc, aiodocker.DockerError):
-        return AdapterError(f"{what}: Docker said {exc.status}: {exc.message}")
-    return AdapterError(f"{what}: {type(exc).__name__}: {exc}")

@@ -88,7 +88,7 @@ from ..interfaces import (
     StorageProvider,
 )
 from ..model import VolumeState
-from ..runtime.docker import log_tail
+from ..runtime.engine import TRANSPORT_ERRORS, docker_failure, ensure_image, log_tail
 from ..runtime.network import BridgeNetwork
 from .feed import FeedConnection, FeedListener, ListenError
 
@@ -137,10 +137,8 @@ def _docker_errors(what: str) -> Iterator[None]:
     """Engine and transport failures are worth retrying; say what we were doing."""
     try:
         yield
-    except aiodocker.DockerError as exc:
-        raise AdapterError(f"{what}: Docker said {exc.status}: {exc.message}") from exc
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise AdapterError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    except TRANSPORT_ERRORS as exc:
+        raise docker_failure(what, exc) from exc
 
 
 class _Reporter:
@@ -492,7 +490,7 @@ class DockerVolumeStorage(StorageProvider):
         a one-time authenticated connection to this process; returns the helper's name once
         tar exited 0 after reading everything."""
         host = await network.own_address()
-        name = f"{volume}-restorer"
+        name = self._helper_name(volume, "restorer")
 
         async def helper_address() -> str:
             info = await self._docker.containers.get(name)
@@ -501,20 +499,20 @@ class DockerVolumeStorage(StorageProvider):
 
         try:
             async with FeedListener(host, helper_address) as listener:
-                await self._run_tar_helper(listener, network, volume, workspace_id, key,
-                                           size, expected, report)
+                await self._run_tar_helper(listener, network, volume, name, workspace_id,
+                                           key, size, expected, report)
         except ListenError as exc:
             raise PermanentError(
                 f"{exc}: this process must run on the Docker host or in a container on it "
                 f"(docker.gateway_container); with a remote engine set archive.restore_with "
                 f"= put-archive") from exc
-        return f"{volume}-restorer"
+        return name
 
     async def _run_tar_helper(self, listener: FeedListener, network: BridgeNetwork,
-                              volume: str, workspace_id: str, key: str, size: int,
+                              volume: str, name: str, workspace_id: str, key: str, size: int,
                               expected: str, report: _Reporter) -> None:
-        """Create and start the helper, feed it once it connected, and check tar's exit."""
-        name = f"{volume}-restorer"
+        """Create and start the helper `name`, feed it once it connected, and check tar's
+        exit."""
         await self._create_helper(volume, workspace_id, "restorer", read_only=False,
                                   run=_tar_helper(network.name, listener))
         with _docker_errors(f"starting {name}"):
@@ -764,11 +762,15 @@ class DockerVolumeStorage(StorageProvider):
 
     # --- helper containers -------------------------------------------------------------
 
+    @staticmethod
+    def _helper_name(volume: str, role: str) -> str:
+        return f"{volume}-{role}"
+
     async def _create_helper(self, volume: str, workspace_id: str, role: str, *,
                              read_only: bool, run: dict[str, Any] | None = None) -> str:
         """A container mounting `volume` at MOUNT; returns its name. Never started unless
         `run` (merged into its config, HostConfig key by key) gives it something to run."""
-        name = f"{volume}-{role}"
+        name = self._helper_name(volume, role)
         await self._remove_stale_helper(name)
         config: dict[str, Any] = {
             "Image": self._helper_image,
@@ -816,13 +818,7 @@ class DockerVolumeStorage(StorageProvider):
     async def _ensure_helper_image(self) -> None:
         if self._helper_image_ok:
             return
-        image = self._helper_image
-        try:
-            await self._docker.images.inspect(image)
-        except aiodocker.DockerError as exc:
-            if exc.status != 404:
-                raise AdapterError(f"inspecting image {image}: {exc.message}") from exc
-            await _pull_once(self._docker, image)
+        await ensure_image(self._docker, self._helper_image)
         self._helper_image_ok = True
 
     async def _remove_container(self, name: str) -> None:
@@ -845,19 +841,6 @@ class DockerVolumeStorage(StorageProvider):
             helpers = await self._docker.containers.list(all=True, filters=json.dumps(filters))
         for helper in helpers:
             await self._remove_container(helper.id)
-
-
-async def _pull_once(docker: aiodocker.Docker, image: str) -> None:
-    """Pull `image`; when that fails the image is not coming: PermanentError naming it."""
-    try:
-        answer = await docker.images.pull(image)
-        errors = [m["error"] for m in answer if isinstance(m, dict) and m.get("error")]
-        if errors:
-            raise aiodocker.DockerError(500, "; ".join(errors))
-        await docker.images.inspect(image)
-    except aiodocker.DockerError as exc:
-        raise PermanentError(f"image {image!r} is not present and could not be pulled: "
-                             f"{exc.message}") from exc
 
 
 def _tar_helper(network: str, listener: FeedListener) -> dict[str, Any]:
