@@ -93,6 +93,9 @@ class LeaderElector:
 
 async def _close(conn: asyncpg.Connection) -> None:
     try:
-        await asyncio.wait_for(conn.close(), 2)
+        # Not wait_for: on 3.11 it swallows a cancel that arrives as close() finishes, and
+        # a cancelled elector would then campaign on forever.
+        async with asyncio.timeout(2):
+            await conn.close()
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         conn.terminate()

@@ -559,7 +559,8 @@ class DockerVolumeStorage(StorageProvider):
                     f"tar in {name} exited with {status.get('StatusCode')} before it read "
                     f"all of {key}{await log_tail(self._docker, name)}")
             with _docker_errors(f"waiting for tar in {name}"):
-                status = await asyncio.wait_for(asyncio.shield(exited), EXIT_TIMEOUT)
+                async with asyncio.timeout(EXIT_TIMEOUT):  # (3.11's wait_for can lose a cancel)
+                    status = await asyncio.shield(exited)
         finally:
             if not exited.done():
                 exited.cancel()
