@@ -12,7 +12,10 @@ session scope, each started on first use and stopped at the end of the session:
 - ``workspace_image``: tag of the echo workspace image (tests/images/echo/server.py).
 
 function scope, a fresh clean state per test:
-- ``database_url``: DSN of a brand-new empty database, dropped WITH (FORCE) afterwards.
+- ``database_url``: DSN of a brand-new database already at the latest schema (a copy of a
+  template migrated once per session, so ``store.migrate`` on it applies nothing), dropped
+  WITH (FORCE) afterwards.
+- ``empty_database_url``: the same, but an empty database (for tests of migrations).
 - ``redis_url``: the Redis URL right after FLUSHALL (Redis restarted first if a test
   stopped it, and again afterwards if the test left it stopped).
 - ``s3_settings``: ``dict(endpoint_url, region="us-east-1", access_key_id, secret_access_key,
@@ -104,14 +107,27 @@ def workspace_image(docker_engine: services.DockerEngine) -> str:
 # --- function: clean state per test ---------------------------------------------------------
 
 
-@pytest.fixture
-def database_url(pg_server: services.PostgresServer) -> Iterator[str]:
-    name = f"codehub_test_{uuid.uuid4().hex[:16]}"
-    dsn = services.create_database(pg_server.dsn, name)
+@pytest.fixture(scope="session")
+def migrated_template(pg_server: services.PostgresServer) -> Iterator[str]:
+    """Name of a database migrated once for the session; each test gets a copy of it."""
+    name = f"codehub_template_{uuid.uuid4().hex[:16]}"
+    services.create_migrated_template(pg_server.dsn, name)
     try:
-        yield dsn
+        yield name
     finally:
         services.drop_database(pg_server.dsn, name)
+
+
+@pytest.fixture
+def database_url(pg_server: services.PostgresServer, migrated_template: str) -> Iterator[str]:
+    with services.fresh_database(pg_server.dsn, template=migrated_template) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def empty_database_url(pg_server: services.PostgresServer) -> Iterator[str]:
+    with services.fresh_database(pg_server.dsn) as dsn:
+        yield dsn
 
 
 @pytest.fixture
@@ -128,26 +144,14 @@ def redis_url(redis_server: services.RedisServer) -> Iterator[str]:
 
 @pytest.fixture
 def s3_settings(s3_server: services.S3Server) -> Iterator[dict[str, str]]:
-    settings = {
-        "endpoint_url": s3_server.endpoint_url,
-        "region": s3_server.region,
-        "access_key_id": s3_server.access_key_id,
-        "secret_access_key": s3_server.secret_access_key,
-        "bucket": f"codehub-test-{uuid.uuid4().hex[:16]}",
-    }
-    try:
+    with services.fresh_bucket(s3_server) as settings:
         yield settings
-    finally:
-        services.s3_remove_bucket(settings)
 
 
 @pytest.fixture
 def docker_prefix(docker_engine: services.DockerEngine) -> Iterator[str]:
-    prefix = f"t{uuid.uuid4().hex[:7]}"
-    try:
+    with services.fresh_docker_prefix(docker_engine.url) as prefix:
         yield prefix
-    finally:
-        services.docker_remove_named(docker_engine.url, prefix)
 
 
 @pytest.fixture

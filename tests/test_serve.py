@@ -130,7 +130,9 @@ def test_unreachable_database_exits_3_with_one_line_after_retrying() -> None:
         assert "attempt(s) in 1.5s" in lines[0]
 
 
-def test_two_migrate_runs_at_once_both_succeed_with_one_schema(database_url: str) -> None:
+def test_two_migrate_runs_at_once_both_succeed_with_one_schema(
+        empty_database_url: str) -> None:
+    database_url = empty_database_url
     env = base_env(CODEHUB_DATABASE__URL=database_url)
     procs = [codehub("migrate", env=env) for _ in range(2)]
     outs = [p.communicate(timeout=60)[0] for p in procs]

@@ -30,7 +30,9 @@ def db(pool: asyncpg.Pool) -> Store:
     return Store(pool)
 
 
-async def test_concurrent_migrations_all_succeed_with_one_schema(database_url: str) -> None:
+async def test_concurrent_migrations_all_succeed_with_one_schema(
+        empty_database_url: str) -> None:
+    database_url = empty_database_url
     async def one() -> list[int]:
         conn = await asyncpg.connect(database_url)
         try:

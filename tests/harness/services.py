@@ -43,7 +43,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -514,20 +515,59 @@ def database_dsn(server_dsn: str, database: str) -> str:
     return urlunsplit(urlsplit(server_dsn)._replace(path="/" + database))
 
 
-def create_database(server_dsn: str, database: str) -> str:
-    """Create an empty database; return its DSN."""
+def create_database(server_dsn: str, database: str, template: str | None = None) -> str:
+    """Create a database, empty or as a copy of ``template``; return its DSN."""
+    clause = f' TEMPLATE "{template}"' if template else ""
 
     async def create() -> None:
         import asyncpg
 
         conn = await asyncpg.connect(server_dsn, timeout=30)
         try:
-            await conn.execute(f'CREATE DATABASE "{database}"')
+            await conn.execute(f'CREATE DATABASE "{database}"{clause}')
         finally:
             await conn.close()
 
     run_async(create)
     return database_dsn(server_dsn, database)
+
+
+def create_migrated_template(server_dsn: str, database: str) -> str:
+    """Create ``database`` with every bundled migration applied (codehub.store.migrate), to
+    be copied by ``create_database(..., template=database)``; return its DSN. No connection
+    to it is left open (PostgreSQL copies a template only while nobody is connected)."""
+    dsn = create_database(server_dsn, database)
+
+    async def migrate() -> None:
+        import asyncpg
+
+        from codehub import store
+
+        conn = await asyncpg.connect(dsn, timeout=30)
+        try:
+            await store.migrate(conn)
+        finally:
+            await conn.close()
+
+    try:
+        run_async(migrate)
+    except BaseException:
+        drop_database(server_dsn, database)
+        raise
+    return dsn
+
+
+@contextlib.contextmanager
+def fresh_database(server_dsn: str, prefix: str = "codehub_test_",
+                   template: str | None = None) -> Iterator[str]:
+    """A uniquely named database (empty, or a copy of ``template``) for the duration of the
+    block; dropped WITH (FORCE) on the way out, whatever still holds a connection to it."""
+    name = f"{prefix}{uuid.uuid4().hex[:16]}"
+    dsn = create_database(server_dsn, name, template)
+    try:
+        yield dsn
+    finally:
+        drop_database(server_dsn, name)
 
 
 def drop_database(server_dsn: str, database: str) -> None:
@@ -803,6 +843,23 @@ def s3_remove_bucket(settings: dict[str, str]) -> None:
         client.close()
 
 
+@contextlib.contextmanager
+def fresh_bucket(server: S3Server) -> Iterator[dict[str, str]]:
+    """Settings of a uniquely named bucket, NOT created; on the way out the bucket, if it
+    exists, is emptied and deleted."""
+    settings = {
+        "endpoint_url": server.endpoint_url,
+        "region": server.region,
+        "access_key_id": server.access_key_id,
+        "secret_access_key": server.secret_access_key,
+        "bucket": f"codehub-test-{uuid.uuid4().hex[:16]}",
+    }
+    try:
+        yield settings
+    finally:
+        s3_remove_bucket(settings)
+
+
 # --- Docker engine --------------------------------------------------------------------------
 
 
@@ -885,6 +942,17 @@ def connect_docker() -> DockerEngine:
     engine.version = f"Docker {version}"
     engine._ready(began)
     return engine
+
+
+@contextlib.contextmanager
+def fresh_docker_prefix(url: str) -> Iterator[str]:
+    """A unique short name fragment (``t`` + 7 hex); on the way out every container,
+    network and volume whose name contains it is force-removed."""
+    prefix = f"t{uuid.uuid4().hex[:7]}"
+    try:
+        yield prefix
+    finally:
+        docker_remove_named(url, prefix)
 
 
 def docker_remove_named(url: str, fragment: str) -> list[str]:
