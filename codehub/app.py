@@ -23,7 +23,9 @@ from .reconciler.controller import Controller, Schedule
 from .reconciler.leader import LeaderElector
 from .reconciler.reconciler import EventLog, Policy, Reconciler
 from .runtime.docker import DockerInstanceController
+from .runtime.firewall import Firewall
 from .runtime.network import BridgeNetwork
+from .runtime.sandbox import Sandbox
 from .storage.objects import LocalObjectStore, S3ObjectStore
 from .storage.volumes import DockerVolumeStorage
 
@@ -121,20 +123,30 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[keys.CONFIG]
     rc = cfg.reconciler
     docker = app[keys.DOCKER]
+    dc = cfg.docker
+    firewall = Firewall() if dc.firewall == "iptables" else None
+    if firewall is None:
+        log.warning("docker.firewall = off: workspaces can reach each other, the host's "
+                    "services and private networks; only for a single trusted user")
+    gateway_container = dc.gateway_container or None
     instances = DockerInstanceController(
-        docker=docker, network=cfg.docker.network, name_prefix=cfg.docker.container_prefix,
-        memory_limit_bytes=(cfg.docker.memory_limit_mib << 20) or None,
-        cpu_limit=cfg.docker.cpu_limit or None, command=cfg.docker.command,
-        port=cfg.docker.port, health_path=cfg.docker.health_path,
-        start_timeout=cfg.docker.start_timeout,
-        gateway_container=cfg.docker.gateway_container or None)
+        docker=docker, name_prefix=dc.container_prefix,
+        network=BridgeNetwork(docker, dc.network, gateway_container, firewall=firewall,
+                              egress=dc.egress, allow=dc.egress_allow),
+        sandbox=Sandbox(memory_limit_bytes=(dc.memory_limit_mib << 20) or None,
+                        cpu_limit=dc.cpu_limit or None, pids_limit=dc.pids_limit or None,
+                        cap_add=tuple(dc.cap_add), read_only_root=dc.read_only_root,
+                        tmp_size_bytes=dc.tmp_size_mib << 20),
+        command=dc.command, port=dc.port, health_path=dc.health_path,
+        start_timeout=dc.start_timeout)
     storage = DockerVolumeStorage(
         docker=docker, objects=app[keys.OBJECTS],
-        helper_image=cfg.archive.helper_image or cfg.docker.workspace_image,
+        helper_image=cfg.archive.helper_image or dc.workspace_image,
         compression_level=cfg.archive.compression_level,
-        volume_prefix=cfg.docker.volume_prefix,
+        volume_prefix=dc.volume_prefix,
         restore_network=BridgeNetwork(
-            docker, f"{cfg.docker.network}-restore", cfg.docker.gateway_container or None,
+            docker, f"{dc.network}-restore", gateway_container, firewall=firewall,
+            host_tcp=True,
         ) if cfg.archive.restore_with == "tar" else None)
     app[keys.INSTANCES] = instances
     app[keys.STORAGE] = storage

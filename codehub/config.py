@@ -16,13 +16,16 @@ Guarantees:
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .constants import DOCKER_DEFAULT_CAPABILITIES
 
 ENV_PREFIX = "CODEHUB_"
 
@@ -32,12 +35,30 @@ class ConfigError(Exception):
 
 
 def setting(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
-            choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
-    """Declare one setting: its default, its documentation and its valid range."""
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
+            choices: tuple[str, ...] | None = None, secret: bool = False,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+    """Declare one setting: its default, its documentation and its valid range. `check`
+    returns what is wrong with a value (None: nothing)."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "secret": secret,
+            "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _capabilities(value: list[str]) -> str | None:
+    bad = [c for c in value if c not in DOCKER_DEFAULT_CAPABILITIES]
+    return (f"{', '.join(map(repr, bad))} not in Docker's default set "
+            f"({', '.join(DOCKER_DEFAULT_CAPABILITIES)})") if bad else None
+
+
+def _ipv4_networks(value: list[str]) -> str | None:
+    for cidr in value:
+        try:
+            ipaddress.IPv4Network(cidr)
+        except ValueError as exc:
+            return f"{cidr!r} is not an IPv4 network: {exc}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +129,33 @@ class DockerConfig:
     start_timeout: float = setting(120.0, "Seconds a workspace gets to pass its health check.",
                                    lo=1, hi=3600)
     gateway_container: str = setting(
-        "", "Name of the gateway's own container, when it runs in one (joins the network).")
+        "", "Name of the gateway's own container, when it runs in one. It must run with "
+        "--network host (and --cap-add NET_ADMIN for the firewall); CodeHub checks and "
+        "refuses to start workspaces otherwise.")
+    egress: str = setting(
+        "public", "What a workspace reaches outside its container. public: public addresses "
+        "only, through NAT (git clone, pip and npm work; private, loopback, link-local with "
+        "the metadata address, CGNAT and multicast ranges and the host stay unreachable). "
+        "none: nothing (an internal network).", choices=("public", "none"))
+    egress_allow: list[str] = setting(
+        [], "IPv4 networks (CIDR) a workspace may reach despite egress = public's blocked "
+        "ranges: an internal DNS resolver, a package mirror or proxy.", check=_ipv4_networks)
+    firewall: str = setting(
+        "iptables", "How workspaces are kept from each other, the host and private ranges. "
+        "iptables: chains of CodeHub's in the host's DOCKER-USER and INPUT chains (needs "
+        "root or CAP_NET_ADMIN in the host's network namespace). off: not at all (only for "
+        "a single trusted user, or where the operator enforces the same rules).",
+        choices=("iptables", "off"))
+    pids_limit: int = setting(
+        1024, "Processes and threads per workspace (a fork bomb stops here; 0 = none).",
+        lo=0, hi=4 << 20)
+    cap_add: list[str] = setting(
+        [], "Capabilities given back to workspaces after all are dropped (code-server needs "
+        "none).", check=_capabilities)
+    read_only_root: bool = setting(
+        True, "Workspaces get a read-only root file system and a private /tmp (tmpfs).")
+    tmp_size_mib: int = setting(512, "Size of a workspace's /tmp in MiB (counts towards its "
+                                     "memory).", lo=1, hi=1 << 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +344,9 @@ def _check(key: str, f: dataclasses.Field[Any], value: Any) -> None:
         raise ConfigError(f"{key}: must be <= {hi:g}, got {value!r}")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+    check = f.metadata.get("check")
+    if check is not None and (problem := check(value)) is not None:
+        raise ConfigError(f"{key}: {problem}")
 
 
 def _build(cls: type, prefix: str, table: Mapping[str, Any],

@@ -23,3 +23,10 @@ ARCHIVE_FORMAT = "tar+gzip"
 
 def archive_key(workspace_id: str) -> str:
     return f"{workspace_id}/{ARCHIVE_NAME}"
+
+# Docker's default capability set: all a workspace may be given back (docker.cap_add)
+# after every capability is dropped.
+DOCKER_DEFAULT_CAPABILITIES = (
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+    "NET_BIND_SERVICE", "NET_RAW", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+)

@@ -15,9 +15,10 @@ import aiohttp
 import pytest
 
 from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
-from codehub.interfaces import AdapterError, PermanentError
+from codehub.interfaces import AdapterError, InstanceStatus, PermanentError
 from codehub.model import InstanceState
 from codehub.runtime.docker import DockerInstanceController
+from codehub.runtime.sandbox import Sandbox
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -61,6 +62,16 @@ async def volume(docker: aiodocker.Docker, docker_prefix: str) -> str:
 async def inspect(docker: aiodocker.Docker, name: str) -> dict[str, Any]:
     container = await docker.containers.get(name)
     return container._container
+
+
+async def exec_in(docker: aiodocker.Docker, container: str, argv: list[str],
+                  user: str = "") -> tuple[int, str]:
+    run = await docker.containers.container(container).exec(argv, user=user)
+    out = b""
+    async with run.start(detach=False) as stream:
+        while (msg := await stream.read_out()) is not None:
+            out += msg.data
+    return int((await run.inspect())["ExitCode"]), out.decode(errors="replace")
 
 
 async def http_get(host: str, port: int, path: str) -> tuple[int, str]:
@@ -111,6 +122,7 @@ async def test_container_shape_labels_limits_mount_and_no_published_ports(
 
     net = await (await docker.networks.get(f"{docker_prefix}-net")).show()
     assert net["Internal"] is True
+    assert net["Options"]["com.docker.network.bridge.enable_icc"] == "false"
     assert net["Driver"] == "bridge"
     assert net["Labels"][LABEL_MANAGED_BY] == "codehub"
 
@@ -257,16 +269,26 @@ async def test_container_that_exits_while_starting_fails_fast_with_its_logs(
         await ctl.close()
 
 
-async def test_gateway_container_joins_the_network_and_reaches_workspaces(
+async def test_a_gateway_container_must_run_in_the_hosts_network_and_then_reaches_workspaces(
         docker: aiodocker.Docker, volume: str, workspace_image: str, docker_prefix: str
 ) -> None:
+    """Only the host's network namespace reaches workspaces (the firewall drops traffic
+    between containers of one network): a gateway container on a bridge is refused with
+    what to do, one run with --network host reaches the workspace."""
+    bridged = f"{docker_prefix}-gateway-bridged"
+    await docker.containers.run({"Image": workspace_image}, name=bridged)
+    ctl = make_controller(docker, docker_prefix, gateway_container=bridged)
+    try:
+        with pytest.raises(PermanentError, match="--network host"):
+            await ctl.start("w1", workspace_image, volume)
+    finally:
+        await ctl.close()
     gateway = f"{docker_prefix}-gateway"
-    await docker.containers.run({"Image": workspace_image}, name=gateway)
+    await docker.containers.run({"Image": workspace_image,
+                                 "HostConfig": {"NetworkMode": "host"}}, name=gateway)
     ctl = make_controller(docker, docker_prefix, gateway_container=gateway)
     try:
         await ctl.start("w1", workspace_image, volume)
-        info = await inspect(docker, gateway)
-        assert f"{docker_prefix}-net" in info["NetworkSettings"]["Networks"]
         upstream = await ctl.resolve_upstream("w1")
         script = ("import urllib.request;"
                   f"print(urllib.request.urlopen('http://{upstream.host}:{upstream.port}"
@@ -278,10 +300,6 @@ async def test_gateway_container_joins_the_network_and_reaches_workspaces(
                 out += msg.data
         assert (await run.inspect())["ExitCode"] == 0, out
         assert out.decode().strip() == "200"
-        # A second controller (another replica) finds it joined already.
-        again = make_controller(docker, docker_prefix, gateway_container=gateway)
-        await again.start("w1", workspace_image, volume)
-        await again.close()
     finally:
         await ctl.close()
 
@@ -350,3 +368,83 @@ async def test_a_foreign_container_with_our_name_is_never_touched(
         with pytest.raises(PermanentError):
             await call
     assert (await inspect(docker, name))["Config"]["Image"] == workspace_image
+
+
+async def test_workspace_runs_without_capabilities_new_privileges_or_a_writable_root(
+        docker: aiodocker.Docker, volume: str, workspace_image: str, docker_prefix: str
+) -> None:
+    """The Sandbox as Docker applies it, and as a process inside sees it: as the workspace
+    user and as root through `docker exec -u 0`."""
+    ctl = make_controller(docker, docker_prefix,
+                          sandbox=Sandbox(pids_limit=300, tmp_size_bytes=64 * MiB))
+    try:
+        await ctl.start("w1", workspace_image, volume)
+    finally:
+        await ctl.close()
+    name = f"{docker_prefix}-ws-w1"
+    host = (await inspect(docker, name))["HostConfig"]
+    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["PidsLimit"] == 300
+    assert host["ReadonlyRootfs"] is True
+    assert host["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={64 * MiB},mode=1777"}
+    assert host["Memory"] == 256 * MiB and host["MemorySwap"] == 256 * MiB
+    for user in ("", "0"):
+        _, out = await exec_in(docker, name, [
+            "sh", "-c", "grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status; "
+            "touch /codehub-root-write 2>&1; echo rc=$?; grep ' /tmp ' /proc/mounts; "
+            f"touch /tmp/ok{user} && echo tmp-writable; "
+            f"touch /home/coder/ok{user} && echo home-writable"], user=user)
+        status = dict(line.split(":\t") for line in out.splitlines() if ":\t" in line)
+        assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == "0" * 16, out
+        assert status["NoNewPrivs"] == "1", out
+        assert "Read-only file system" in out and "rc=1" in out, out
+        assert "nosuid,nodev" in out and "tmp-writable" in out, out
+        # Root without capabilities has no power over the workspace user's files.
+        assert ("home-writable" in out) == (user == ""), out
+
+
+async def test_a_fork_bomb_stops_at_the_pids_limit_and_other_workspaces_keep_serving(
+        docker: aiodocker.Docker, workspace_image: str, docker_prefix: str) -> None:
+    ctl = make_controller(docker, docker_prefix, sandbox=Sandbox(pids_limit=256))
+    try:
+        for ws in ("bomb", "calm"):
+            await ctl.start(ws, workspace_image,
+                            await new_volume(docker, f"{docker_prefix}-home-{ws}"))
+        bomb = (
+            "import os, signal, time\n"
+            "made = 0\n"
+            "for _ in range(10000):\n"
+            "    try:\n"
+            "        pid = os.fork()\n"
+            "    except OSError as exc:\n"
+            "        print('stopped', made, exc.errno, flush=True); break\n"
+            "    if pid == 0:\n"
+            "        time.sleep(120); os._exit(0)\n"
+            "    made += 1\n"
+            "else:\n"
+            "    print('not stopped', made, flush=True)\n"
+            "os.killpg(0, signal.SIGKILL)\n")
+        calm = await ctl.resolve_upstream("calm")
+        served: list[int] = []
+
+        async def keep_asking() -> None:
+            while True:
+                served.append((await http_get(calm.host, calm.port, "/healthz"))[0])
+                await asyncio.sleep(0.05)
+
+        asker = asyncio.create_task(keep_asking())
+        try:
+            _, out = await exec_in(docker, f"{docker_prefix}-ws-bomb",
+                                   ["setsid", "python3", "-c", bomb])
+        finally:
+            asker.cancel()
+            await asyncio.gather(asker, return_exceptions=True)
+        words = out.split()
+        assert words[0] == "stopped", out
+        assert int(words[1]) < 256 and int(words[2]) == 11, out  # EAGAIN at the limit
+        assert served and set(served) == {200}
+        assert await ctl.get_status("calm") == InstanceStatus(InstanceState.RUNNING)
+        assert await ctl.get_status("bomb") == InstanceStatus(InstanceState.RUNNING)
+    finally:
+        await ctl.close()

@@ -4,7 +4,9 @@ Guarantees:
 - A workspace has at most one container, `<name_prefix><id>`, labelled
   `codehub.managed-by=codehub`, `codehub.workspace-id=<id>`, `codehub.role=workspace`, on
   one dedicated bridge network, home volume at /home/coder, no published ports, restart
-  policy "no", the configured memory/CPU limits and command.
+  policy "no", the configured command, and the confinement of its Sandbox
+  (codehub.runtime.sandbox: no capabilities, no new privileges, pids/memory/CPU limits,
+  a read-only root with a private /tmp).
 - `start()` is idempotent: a running container built from the same spec (image, volume,
   command, limits, network, port: hashed into the `codehub.spec` label) is reused; a stopped,
   failed, paused or different one is replaced, and so is one that has been running for
@@ -20,11 +22,10 @@ Guarantees:
   create an empty one and the workspace would come up on a blank home.
 - `get_status()` changes nothing and costs one inspect plus, for a running container, one
   HTTP probe of at most `probe_timeout` seconds.
-- The network is created on first use when missing (codehub.runtime.network: bridge,
-  `Internal: true`: workspaces reach nothing outside it, and nothing outside reaches them
-  but the host and containers joined to it). When the gateway runs in a container
-  (`gateway_container`), that container is joined to the network so the addresses
-  `resolve_upstream()` returns work from it too.
+- The network is created on first use when missing, with its firewall
+  (codehub.runtime.network, codehub.runtime.firewall): a workspace reaches no other
+  workspace, no address of the host, and outside only what the egress policy allows;
+  only the host's network namespace, where this process runs, reaches the workspaces.
 
 Reachability: on a Linux engine the host holds the bridge's gateway address, so a process
 on the host reaches container addresses on an internal bridge directly (checked on Docker
@@ -36,6 +37,7 @@ Lifecycle: call `close()` once at shutdown (it closes the HTTP session used for 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import re
@@ -64,6 +66,7 @@ from ..interfaces import (
 from ..model import InstanceState
 from .engine import TRANSPORT_ERRORS, docker_failure, ensure_image, log_tail
 from .network import BridgeNetwork
+from .sandbox import Sandbox
 
 ROLE_WORKSPACE = "workspace"
 LABEL_SPEC = "codehub.spec"
@@ -96,10 +99,11 @@ class DockerInstanceController(InstanceController):
         self,
         *,
         docker: aiodocker.Docker,
-        network: str = "codehub-workspaces",
+        network: str | BridgeNetwork = "codehub-workspaces",
         name_prefix: str = "codehub-ws-",
         memory_limit_bytes: int | None = None,
         cpu_limit: float | None = None,
+        sandbox: Sandbox | None = None,
         command: Sequence[str] = DEFAULT_COMMAND,
         port: int = 8080,
         health_path: str = "/healthz",
@@ -108,18 +112,26 @@ class DockerInstanceController(InstanceController):
         probe_timeout: float = 1.0,
         poll_interval: float = 0.25,
     ) -> None:
-        """`memory_limit_bytes` / `cpu_limit` (cores, as NanoCpus) None or 0: no limit.
-        `command` is the container's Cmd (arguments to the image's entrypoint)."""
+        """`network`: a name (a BridgeNetwork without firewall is made for it: tests and
+        operators who isolate by other means) or the BridgeNetwork to use.
+        `memory_limit_bytes` / `cpu_limit` (cores, as NanoCpus) None or 0: no limit; they
+        override the sandbox's. `command` is the container's Cmd (arguments to the
+        image's entrypoint)."""
         self._docker = docker
-        self.network = network
+        self._bridge = (network if isinstance(network, BridgeNetwork)
+                        else BridgeNetwork(docker, network, gateway_container))
+        self.network = self._bridge.name
         self._prefix = name_prefix
-        self._memory = memory_limit_bytes or None
-        self._cpus = cpu_limit or None
+        base = sandbox or Sandbox()
+        if memory_limit_bytes is not None or cpu_limit is not None:
+            base = dataclasses.replace(
+                base, memory_limit_bytes=memory_limit_bytes or base.memory_limit_bytes,
+                cpu_limit=cpu_limit or base.cpu_limit)
+        self.sandbox = base
         self._command = list(command)
         self._port = port
         self._health_path = health_path if health_path.startswith("/") else "/" + health_path
         self._start_timeout = start_timeout
-        self._bridge = BridgeNetwork(docker, network, gateway_container)
         self._probe_timeout = probe_timeout
         self._poll_interval = poll_interval
         self._session: aiohttp.ClientSession | None = None
@@ -239,8 +251,7 @@ class DockerInstanceController(InstanceController):
 
     def _spec(self, image_ref: str, volume_name: str) -> str:
         spec = {"image": image_ref, "volume": volume_name, "command": self._command,
-                "memory": self._memory, "cpus": self._cpus, "network": self.network,
-                "port": self._port}
+                "sandbox": self.sandbox.spec(), "network": self.network, "port": self._port}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def _address(self, info: dict[str, Any]) -> str | None:
@@ -290,12 +301,8 @@ class DockerInstanceController(InstanceController):
             "RestartPolicy": {"Name": "no"},
             "PortBindings": {},
             "PublishAllPorts": False,
+            **self.sandbox.host_config(),
         }
-        if self._memory:
-            host["Memory"] = self._memory
-            host["MemorySwap"] = self._memory  # no swap beyond the limit
-        if self._cpus:
-            host["NanoCpus"] = int(self._cpus * 1e9)
         config: dict[str, Any] = {
             "Image": image_ref,
             "Cmd": self._command,

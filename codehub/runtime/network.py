@@ -1,40 +1,69 @@
-"""A Docker bridge network of ours, and this process's own address on it.
+"""A Docker bridge network of ours, its firewall, and this process's own address on it.
+
+CodeHub runs in the Docker host's network namespace (on the host, or in a container run
+with `--network host`): that is the one place from which every workspace is reachable,
+and the firewall (codehub.runtime.firewall) makes it the only one.
 
 Guarantees:
-- `ensure()` creates the network when it is missing (bridge, `Internal: true`: its
-  containers reach nothing outside it, and nothing outside reaches them but the host and
-  containers joined to it; labelled `codehub.managed-by=codehub`) and, when this process
-  runs in a container (`gateway_container`), joins that container to it. Idempotent and
-  safe to race with another replica; after the first success it costs nothing.
-- `own_address()` is the IPv4 address at which containers on the network reach this
-  process: its container's address on the network, or, on the host, the bridge's gateway
-  address (a Linux engine assigns it to the host's bridge interface, also for internal
-  networks).
+- `ensure()` creates the network when it is missing (bridge, inter-container traffic off,
+  `Internal` unless its egress is "public", labelled `codehub.managed-by=codehub`), then
+  installs its firewall chains (unless `firewall` is None: an operator who isolates
+  workspaces by other means). An existing network of that name whose shape differs (an
+  older CodeHub's internal bridge with inter-container traffic on, another egress) is
+  made again when nothing is attached to it, and refused (PermanentError naming it)
+  otherwise. Idempotent and safe to race with another replica; after the first success it
+  costs nothing until `forget()`.
+- With `gateway_container` set, `ensure()` checks that this container runs with the host's
+  network (PermanentError otherwise: from any other namespace the firewall would cut the
+  gateway off, or have to let a workspace-side address through).
+- `own_address()` is the IPv4 address at which members of the network reach this
+  process: the bridge's gateway address, which a Linux engine assigns to the host.
 Engine failures raise AdapterError naming the network.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import aiodocker
 
 from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE
-from ..interfaces import AdapterError
+from ..interfaces import AdapterError, PermanentError
 from .engine import TRANSPORT_ERRORS, docker_failure
+from .firewall import Firewall, NetworkPolicy
+
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 
 
 class BridgeNetwork:
-    """One internal bridge network, created on first use."""
+    """One bridge network with its firewall, created on first use."""
 
     def __init__(self, docker: aiodocker.Docker, name: str,
-                 gateway_container: str | None = None) -> None:
+                 gateway_container: str | None = None, *,
+                 firewall: Firewall | None = None, egress: str = "none",
+                 allow: Sequence[str] = (), host_tcp: bool = False) -> None:
+        """`egress`: "none" or "public" (see codehub.runtime.firewall). `host_tcp`: members
+        may open TCP connections to this process's address on the network (the restore
+        network, whose only members are our helpers)."""
+        if egress not in ("none", "public"):
+            raise ValueError(f"invalid egress {egress!r}")
         self._docker = docker
         self.name = name
         self._gateway_container = gateway_container or None
+        self._firewall = firewall
+        self._egress = egress
+        self._allow = tuple(allow)
+        self._host_tcp = host_tcp
         self._ready = False
+        self._address = ""
         self._lock = asyncio.Lock()
+
+    @property
+    def internal(self) -> bool:
+        return self._egress == "none"
 
     async def ensure(self) -> None:
         if self._ready:
@@ -43,11 +72,16 @@ class BridgeNetwork:
             if self._ready:
                 return
             try:
-                await self._create_if_missing()
                 if self._gateway_container:
-                    await self._join_gateway()
+                    await self._require_host_network()
+                info = await self._create_or_adopt()
             except TRANSPORT_ERRORS as exc:
                 raise docker_failure(f"preparing network {self.name}", exc) from exc
+            self._address = _bridge_gateway(info)
+            if self._firewall is not None:
+                await self._firewall.apply(NetworkPolicy(
+                    interface=bridge_interface(info), egress=self._egress, allow=self._allow,
+                    host_tcp=self._address if self._host_tcp else ""))
             self._ready = True
 
     def forget(self) -> None:
@@ -55,65 +89,87 @@ class BridgeNetwork:
         self._ready = False
 
     async def own_address(self) -> str:
-        """Checks the network on every call: one removed behind our back is made again (and
-        this process's container joined to it again)."""
+        """Checks the network on every call: one removed behind our back is made again (with
+        its firewall)."""
         for attempt in (1, 2):
             await self.ensure()
             try:
-                address = await self._lookup_own_address()
+                network = await self._docker.networks.get(self.name)
+                address = _bridge_gateway(await network.show())
+            except aiodocker.DockerError as exc:
+                if exc.status != 404:
+                    raise docker_failure(f"inspecting network {self.name}", exc) from exc
+                address = ""
             except TRANSPORT_ERRORS as exc:
-                raise docker_failure(
-                    f"finding this process's address on network {self.name}", exc) from exc
+                raise docker_failure(f"inspecting network {self.name}", exc) from exc
             if address:
                 return address
             if attempt == 1:
                 self.forget()
-        where = (f"container {self._gateway_container}" if self._gateway_container
-                 else "the host")
-        raise AdapterError(f"{where} has no IPv4 address on network {self.name}")
+        raise AdapterError(f"the host has no IPv4 address on network {self.name}")
 
-    async def _lookup_own_address(self) -> str:
-        """"" when the network (or this container's place on it) is missing."""
-        if self._gateway_container:
-            info = await self._docker.containers.get(self._gateway_container)
-            attached = (info["NetworkSettings"].get("Networks") or {}).get(self.name) or {}
-            return str(attached.get("IPAddress") or "")
+    async def _require_host_network(self) -> None:
+        assert self._gateway_container is not None
         try:
-            network = await self._docker.networks.get(self.name)
-            return _bridge_gateway(await network.show())
+            info = await self._docker.containers.get(self._gateway_container)
         except aiodocker.DockerError as exc:
             if exc.status == 404:
-                return ""
+                raise PermanentError(
+                    f"docker.gateway_container {self._gateway_container!r} does not "
+                    "exist") from exc
             raise
+        mode = (info["HostConfig"] or {}).get("NetworkMode")
+        if mode != "host":
+            raise PermanentError(
+                f"docker.gateway_container {self._gateway_container!r} runs with network "
+                f"{mode!r}: run it with --network host (and --cap-add NET_ADMIN for the "
+                "firewall), the only place from which workspaces are reachable")
 
-    async def _create_if_missing(self) -> None:
-        try:
-            await self._docker.networks.get(self.name)
-            return
-        except aiodocker.DockerError as exc:
-            if exc.status != 404:
-                raise
-        try:
-            await self._docker.networks.create({
-                "Name": self.name, "Driver": "bridge", "Internal": True,
-                "CheckDuplicate": True,
-                "Labels": {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE},
-            })
-        except aiodocker.DockerError as exc:
-            if exc.status != 409:  # created concurrently
-                raise
+    def _wanted(self, info: dict[str, Any]) -> bool:
+        options = info.get("Options") or {}
+        return (bool(info.get("Internal")) == self.internal
+                and options.get(ICC_OPTION) == "false")
 
-    async def _join_gateway(self) -> None:
-        assert self._gateway_container is not None
-        gateway = await self._docker.containers.get(self._gateway_container)
-        if self.name in (gateway["NetworkSettings"].get("Networks") or {}):
-            return
-        network = await self._docker.networks.get(self.name)
-        try:
-            await network.connect({"Container": self._gateway_container})
-        except aiodocker.DockerError as exc:
-            if "already exists" not in exc.message:
-                raise
+    async def _create_or_adopt(self) -> dict[str, Any]:
+        for _ in range(3):
+            try:
+                network = await self._docker.networks.get(self.name)
+                info: dict[str, Any] = await network.show()
+            except aiodocker.DockerError as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                if self._wanted(info):
+                    return info
+                if info.get("Containers"):
+                    raise PermanentError(
+                        f"network {self.name} exists with another shape (internal "
+                        f"{info.get('Internal')}, inter-container traffic "
+                        f"{(info.get('Options') or {}).get(ICC_OPTION, 'true')}) and has "
+                        f"containers attached; remove them (or the network) so CodeHub can "
+                        f"make it again with egress {self._egress!r} and no traffic between "
+                        f"containers")
+                try:
+                    await network.delete()
+                except aiodocker.DockerError as exc:
+                    if exc.status != 404:
+                        raise
+            try:
+                await self._docker.networks.create({
+                    "Name": self.name, "Driver": "bridge", "Internal": self.internal,
+                    "CheckDuplicate": True, "Options": {ICC_OPTION: "false"},
+                    "Labels": {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE},
+                })
+            except aiodocker.DockerError as exc:
+                if exc.status != 409:  # created concurrently: read it back
+                    raise
+        raise AdapterError(f"network {self.name} keeps changing under us")
+
+
+def bridge_interface(info: dict[str, Any]) -> str:
+    """The host interface of a bridge network: its configured name or Docker's br-<id>."""
+    name = (info.get("Options") or {}).get(BRIDGE_NAME_OPTION)
+    return str(name) if name else f"br-{str(info['Id'])[:12]}"
 
 
 def _bridge_gateway(info: dict[str, Any]) -> str:
