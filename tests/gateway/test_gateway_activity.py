@@ -6,6 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
+import pytest
 from gateway_support import Stack, Upstream, client, open_stack, wait_for
 
 from codehub.model import DesiredState
@@ -40,9 +42,9 @@ async def test_workspace_used_only_through_a_websocket_is_not_stepped_down(
     assert echo is not None and echo.desired_state is DesiredState.RUNNING
 
 
-async def test_http_requests_mark_the_workspace_in_one_batched_flush(stack: Stack) -> None:
-    await stack.add("echo", now=LONG_AGO)
-    flushes = []
+def record_flushes(stack: Stack) -> list[list[str]]:
+    """The ids of every flush_activity call from now on (each call is one statement)."""
+    flushes: list[list[str]] = []
     original = stack.store.flush_activity
 
     async def counting(ids, marks):  # type: ignore[no-untyped-def]
@@ -50,17 +52,64 @@ async def test_http_requests_mark_the_workspace_in_one_batched_flush(stack: Stac
         return await original(ids, marks)
 
     stack.store.flush_activity = counting  # type: ignore[method-assign]
-    async with client() as http:
-        for _ in range(30):
-            async with http.get(stack.url("/w/echo/"), headers=stack.headers()) as resp:
-                assert resp.status == 200
+    return flushes
 
-    async def flushed() -> bool:
-        return await last_access(stack, "echo") > LONG_AGO + timedelta(hours=1)
 
-    await wait_for(flushed)
-    assert 1 <= len(flushes) <= 5  # 30 requests, a handful of batched writes
-    assert all(ids == ["echo"] for ids in flushes)
+async def test_http_requests_mark_the_workspace_in_one_batched_flush(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path) -> None:
+    # The periodic flush is an hour away: what the requests write by themselves is seen
+    # alone, and then the one flush that carries all of them.
+    async for stack in open_stack(database_url, echo_upstream, tmp_path,
+                                  activity_flush_interval=3600):
+        await stack.add("echo", now=LONG_AGO)
+        flushes = record_flushes(stack)
+        async with client() as http:
+            for _ in range(30):
+                async with http.get(stack.url("/w/echo/"), headers=stack.headers()) as resp:
+                    assert resp.status == 200
+        assert flushes == []  # no request wrote anything itself
+        assert await last_access(stack, "echo") == LONG_AGO
+        assert await stack.gw.activity.flush() == 1
+        assert flushes == [["echo"]]  # 30 requests, one statement
+        assert await last_access(stack, "echo") > LONG_AGO + timedelta(hours=1)
+
+
+async def test_a_failed_flush_keeps_its_marks_for_the_next_one(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path) -> None:
+    async for stack in open_stack(database_url, echo_upstream, tmp_path,
+                                  activity_flush_interval=3600):
+        await stack.add("echo", now=LONG_AGO)
+        async with client() as http, http.get(stack.url("/w/echo/"),
+                                              headers=stack.headers()) as resp:
+            assert resp.status == 200
+        marked = stack.gw.activity.marks["echo"]
+        # A real failure of the real statement: the table is not there for a moment.
+        await stack.store.pool.execute("ALTER TABLE workspaces RENAME TO workspaces_away")
+        try:
+            assert await stack.gw.activity.flush() == 0
+        finally:
+            await stack.store.pool.execute("ALTER TABLE workspaces_away RENAME TO workspaces")
+        assert stack.gw.activity.marks == {"echo": marked}
+        assert await stack.gw.activity.flush() == 1
+        assert (await last_access(stack, "echo")).timestamp() == pytest.approx(marked, abs=1e-3)
+
+
+async def test_stopping_the_gateway_flushes_what_is_left(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path) -> None:
+    async for stack in open_stack(database_url, echo_upstream, tmp_path,
+                                  activity_flush_interval=3600):
+        await stack.add("echo", now=LONG_AGO)
+        async with client() as http, http.get(stack.url("/w/echo/"),
+                                              headers=stack.headers()) as resp:
+            assert resp.status == 200
+        assert await last_access(stack, "echo") == LONG_AGO  # nothing flushed yet
+    # open_stack has stopped the gateway (runner.cleanup) and closed its pool.
+    conn = await asyncpg.connect(database_url)
+    try:
+        stamp = await conn.fetchval("SELECT last_access_at FROM workspaces WHERE id = 'echo'")
+    finally:
+        await conn.close()
+    assert stamp > LONG_AGO + timedelta(hours=1)
 
 
 async def test_silent_open_socket_counts_only_when_configured(
