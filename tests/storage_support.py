@@ -66,6 +66,13 @@ async def put_tar(docker: aiodocker.Docker, volume: str, image: str, data: Any) 
         await docker.containers.container(helper).delete(force=True)
 
 
+def as_restored(before: Manifest, uid: int = 1000, gid: int = 1000) -> Manifest:
+    """What a restore of a home with manifest `before` gives back: the same entries, all
+    owned by the home's owner, no setuid/setgid bits (codehub.storage.tarfilter)."""
+    return {name: (kind, oct(int(mode, 8) & 0o1777), uid, gid, *rest)
+            for name, (kind, mode, _uid, _gid, *rest) in before.items()}
+
+
 async def manifest(docker: aiodocker.Docker, volume: str, image: str) -> Manifest:
     """Every entry of the volume as Docker's archive API reads it (through a temp file, so
     memory stays small for big volumes)."""

@@ -18,6 +18,7 @@ from typing import Any
 import aiodocker
 import pytest
 from storage_support import (
+    as_restored,
     fill_volume,
     manifest,
     our_leftovers,
@@ -134,7 +135,7 @@ async def test_archive_killed_at_failpoint_then_rerun_archives_identical_data(
     assert not uploads.get("Uploads")
     await storage.purge(volume, None)
     restored = await storage.restore("w1", info.key, info.sha256)
-    assert await manifest(docker, restored, workspace_image) == expected
+    assert await manifest(docker, restored, workspace_image) == as_restored(expected)
     assert await our_leftovers(docker, docker_prefix) == ([restored], [])
 
 
@@ -157,7 +158,7 @@ async def test_restore_killed_at_failpoint_then_rerun_restores_identical_data(
 
     restored = await storage.restore("w1", info.key, info.sha256)
     assert restored == half_made[0]
-    assert await manifest(docker, restored, workspace_image) == expected
+    assert await manifest(docker, restored, workspace_image) == as_restored(expected)
     assert await objects.head(info.key) == archived
     assert await our_leftovers(docker, docker_prefix) == ([restored], [])
 
@@ -179,7 +180,7 @@ async def test_purge_killed_at_failpoint_then_rerun_purges_and_the_archive_resto
     await storage.purge(volume, None)
     assert await our_leftovers(docker, docker_prefix) == ([], [])
     restored = await storage.restore("w1", info.key, info.sha256)
-    assert await manifest(docker, restored, workspace_image) == expected
+    assert await manifest(docker, restored, workspace_image) == as_restored(expected)
 
 
 async def test_child_runs_to_completion_when_no_failpoint_is_armed(

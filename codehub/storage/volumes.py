@@ -7,12 +7,17 @@ Guarantees:
   written) through Docker's archive API on a helper container that is created and never
   started (image `helper_image`, network disabled, volume mounted with NoCopy so Docker
   never copies image files into a volume). With a restore network, restore instead runs
-  GNU tar from `helper_image` in a helper on that network only (root, capabilities cut to
-  those extraction needs, no new privileges, read-only root file system), which reads the
+  GNU tar from `helper_image` in a helper on that network only (as the home's owner, no
+  capability at all, no new privileges, read-only root file system), which reads the
   tar from this process over a one-time connection (codehub.storage.feed: only that
   helper's address, only with its 256-bit token, only once): dockerd is not in the data
   path, which makes restore about 1.5x faster. Helpers are named after their volume, so a
   re-run or `purge` removes what a killed process left behind.
+- A restored home holds only what codehub.storage.tarfilter lets through, whichever
+  extractor runs: members below `coder/` by clean paths (none through a symlink), no
+  device nodes, no setuid/setgid bits, every file owned by `home_owner`, `user.` xattrs
+  only; and its files add up to at most `home_size_limit` bytes (HomeTooLarge, a
+  PermanentError, otherwise: the new volume is removed, the archive kept).
 - `archive()` deletes nothing. It returns only once the store's `head()` reports an object
   whose size and sha256 equal those of the bytes streamed, and only for a tar stream that
   ended with its end-of-archive marker (Docker ends the HTTP response normally even when
@@ -56,10 +61,12 @@ import contextlib
 import hashlib
 import inspect
 import json
+import logging
 import re
+import tarfile
 import time
 import zlib
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +98,9 @@ from ..model import VolumeState
 from ..runtime.engine import TRANSPORT_ERRORS, docker_failure, ensure_image, log_tail
 from ..runtime.network import BridgeNetwork
 from .feed import FeedConnection, FeedListener, ListenError
+from .tarfilter import TarFilter
+
+log = logging.getLogger(__name__)
 
 isal_zlib: Any
 try:
@@ -104,6 +114,7 @@ LABEL_RESTORED_FROM = "codehub.restored-from-sha256"
 
 MOUNT = "/home/coder"  # where helpers mount the volume; its basename is the archive's top
 _MOUNT_PARENT = "/home"
+_TOP = "coder"
 HOLD_BACK = 64 * 1024
 RESTORE_AHEAD = 8  # inflated pieces (each at most chunk_size) queued ahead of Docker
 PROGRESS_INTERVAL = 0.5  # seconds
@@ -112,16 +123,17 @@ _STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=6
 CONNECT_TIMEOUT = 60.0  # seconds a started tar helper gets to connect back
 EXIT_TIMEOUT = 600.0  # seconds tar gets to finish once it has the whole stream
 FEED_GRACE = 5.0  # seconds the feed gets to end by itself once tar has exited
-# The tar helper's program (bash, for its /dev/tcp): connect, authenticate, extract.
-# Numeric ids as in the archive; the top entry `coder/` is the mount point itself, so the
-# volume root's owner and mode come back too. Anything outside it would land on the
-# read-only root file system of a throwaway container.
+# The tar helper's program (bash, for its /dev/tcp): connect, authenticate, extract. It
+# runs as the home's owner without any capability, so it can neither chown nor make a
+# device node, whatever the stream says (codehub.storage.tarfilter has already taken
+# those out); the top entry `coder/` is the mount point itself, so the volume root's mode
+# comes back too. Anything outside it would land on the read-only root file system of a
+# throwaway container.
 _TAR_SCRIPT = (
     'exec 3<>"/dev/tcp/$CODEHUB_FEED_HOST/$CODEHUB_FEED_PORT" || exit 111\n'
     "printf '%s\\n' \"$CODEHUB_FEED_TOKEN\" >&3 || exit 111\n"
-    f"exec tar --extract --file=- --directory={_MOUNT_PARENT} --numeric-owner --same-owner "
-    "--same-permissions --xattrs <&3\n")
-_TAR_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "MKNOD", "SETFCAP"]
+    f"exec tar --extract --file=- --directory={_MOUNT_PARENT} --no-same-owner "
+    "--same-permissions --xattrs --xattrs-include='user.*' <&3\n")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -288,6 +300,8 @@ class DockerVolumeStorage(StorageProvider):
         volume_prefix: str = "codehub-home-",
         chunk_size: int = 1024 * 1024,
         restore_network: BridgeNetwork | None = None,
+        home_owner: tuple[int, int] = (1000, 1000),
+        home_size_limit: int | None = None,
     ) -> None:
         """`helper_image` must be present locally (or pullable). `chunk_size` is the unit
         read from Docker and compressed at a time. With `restore_network`, restore runs
@@ -305,6 +319,8 @@ class DockerVolumeStorage(StorageProvider):
         self._chunk_size = chunk_size
         self._helper_image_ok = False
         self._restore_network = restore_network
+        self._owner = home_owner
+        self._size_limit = home_size_limit or None
 
     # --- names -------------------------------------------------------------------------
 
@@ -513,8 +529,9 @@ class DockerVolumeStorage(StorageProvider):
                               expected: str, report: _Reporter) -> None:
         """Create and start the helper `name`, feed it once it connected, and check tar's
         exit."""
+        await self._own_volume_root(volume, workspace_id)
         await self._create_helper(volume, workspace_id, "restorer", read_only=False,
-                                  run=_tar_helper(network.name, listener))
+                                  run=_tar_helper(network.name, listener, self._owner))
         with _docker_errors(f"starting {name}"):
             try:
                 await self._docker.containers.container(name).start()
@@ -577,6 +594,22 @@ class DockerVolumeStorage(StorageProvider):
             raise AdapterError(f"tar in {name} exited with {code} extracting {key}"
                                f"{await log_tail(self._docker, name)}")
 
+    async def _own_volume_root(self, volume: str, workspace_id: str) -> None:
+        """Give the new volume's root to the home's owner before the unprivileged tar runs:
+        Docker extracts a one-entry tar (`coder/`, that owner, 0755) through a created,
+        never started helper (the tar helper's read-only root refuses put-archive)."""
+        entry = tarfile.TarInfo(_TOP)
+        entry.type, entry.mode = tarfile.DIRTYPE, 0o755
+        entry.uid, entry.gid = self._owner
+        data = entry.tobuf(format=tarfile.USTAR_FORMAT) + bytes(1024)
+        helper = await self._create_helper(volume, workspace_id, "owner", read_only=False)
+        try:
+            with _docker_errors(f"preparing the root of {volume}"):
+                await self._docker.containers.container(  # type: ignore[no-untyped-call]
+                    helper).put_archive(_MOUNT_PARENT, data)
+        finally:
+            await self._remove_container(helper)
+
     async def _feed(self, conn: FeedConnection, helper: str, key: str, size: int,
                     expected: str, report: _Reporter) -> None:
         """Send the verified tar; on any failure reset the connection (tar sees an error,
@@ -636,12 +669,14 @@ class DockerVolumeStorage(StorageProvider):
         holding back the tar's last HOLD_BACK bytes until everything verified. On failure
         it sets `feed.error` (the consumer stops) and raises."""
         inflater = _Inflater(self._chunk_size, f"archive {key} (expected sha256 {expected})")
+        sanitiser = TarFilter(uid=self._owner[0], gid=self._owner[1], top=_TOP.encode(),
+                              size_limit=self._size_limit)
         held = b""
         stream = self._objects.get_stream(key)
         try:
             async for chunk in stream:
                 feed.received += len(chunk)
-                out = await asyncio.to_thread(inflater.first, chunk)
+                out = await asyncio.to_thread(_filtered, sanitiser, inflater.first, chunk)
                 while True:
                     if len(out) > HOLD_BACK:  # send the old tail and all but a new one
                         if held:
@@ -656,14 +691,19 @@ class DockerVolumeStorage(StorageProvider):
                         held += out
                     if not inflater.pending:
                         break
-                    out = await asyncio.to_thread(inflater.more)
+                    out = await asyncio.to_thread(_filtered, sanitiser, inflater.more)
                 await report("downloading", feed.received, size)
-            held += await asyncio.to_thread(inflater.finish)
+            held += await asyncio.to_thread(_filtered, sanitiser, inflater.finish)
             digest = inflater.sha256.hexdigest()
             if feed.received != size or digest != expected:
                 raise IntegrityError(
                     f"archive {key} does not verify: read {feed.received} bytes with sha256 "
                     f"{digest}, expected {size} bytes with sha256 {expected}")
+            held += sanitiser.finish()  # the end-of-archive marker, only now
+            if sanitiser.dropped:
+                log.warning("restore of %s left out %d entries (%s)", key,
+                            len(sanitiser.dropped), "; ".join(
+                                f"{name}: {why}" for name, why in sanitiser.dropped[:20]))
             feed.verified = True
             if held:
                 await queue.put(held)
@@ -844,15 +884,21 @@ class DockerVolumeStorage(StorageProvider):
             await self._remove_container(helper.id)
 
 
-def _tar_helper(network: str, listener: FeedListener) -> dict[str, Any]:
-    """What turns a helper into the tar extractor: root (to restore every owner), no
-    capabilities beyond those extraction needs, no new privileges, a read-only root file
-    system, a few processes, and no network but `network`. No memory limit: the page
-    cache of the files it writes would be charged to it and throttle the writes."""
+def _filtered(sanitiser: TarFilter, inflate: Callable[..., bytes], *args: bytes) -> bytes:
+    """Inflate, then filter (one worker-thread call, so the loop does neither)."""
+    return sanitiser.feed(inflate(*args))
+
+
+def _tar_helper(network: str, listener: FeedListener, owner: tuple[int, int]
+                ) -> dict[str, Any]:
+    """What turns a helper into the tar extractor: the home's owner, no capability at all,
+    no new privileges, a read-only root file system, a few processes, and no network but
+    `network`. No memory limit: the page cache of the files it writes would be charged to
+    it and throttle the writes."""
     return {
         "Entrypoint": ["/bin/bash", "-c", _TAR_SCRIPT],
         "Cmd": [],
-        "User": "0:0",
+        "User": f"{owner[0]}:{owner[1]}",
         "Env": [f"CODEHUB_FEED_HOST={listener.host}", f"CODEHUB_FEED_PORT={listener.port}",
                 f"CODEHUB_FEED_TOKEN={listener.token}"],
         "NetworkDisabled": False,
@@ -860,7 +906,7 @@ def _tar_helper(network: str, listener: FeedListener) -> dict[str, Any]:
             "NetworkMode": network,
             "ReadonlyRootfs": True,
             "CapDrop": ["ALL"],
-            "CapAdd": _TAR_CAPABILITIES,
+            "CapAdd": [],
             "SecurityOpt": ["no-new-privileges"],
             "PidsLimit": 16,
         },
