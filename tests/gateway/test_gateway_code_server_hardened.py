@@ -1,0 +1,200 @@
+"""Real code-server under the hardened defaults, end to end through `codehub serve`.
+
+`codehub serve` runs as a user starts it (firewall on, egress none, workspaces with no
+capabilities, no new privileges, a pids limit and a read-only root), against the test's
+PostgreSQL, S3 (moto) and Docker. In headless chromium: the workbench loads, a terminal
+opens and runs a command, a file edited and saved in the editor is there, and the home
+survives RUNNING -> COLD -> restore -> RUNNING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import pytest
+from harness.services import DockerEngine
+from test_gateway_browser import ARTIFACTS, browser_page
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "hardened-e2e-token"
+
+
+@pytest.fixture(scope="module")
+def code_server_image(docker_engine: DockerEngine) -> str:
+    proc = subprocess.run([str(ROOT / "scripts" / "build-code-server-image")],
+                          capture_output=True, text=True, timeout=2400, check=False,
+                          env=docker_engine.env())
+    if proc.returncode != 0:
+        pytest.fail(f"code-server image could not be built: {proc.stderr[-2000:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def serve(tmp_path: Path, database_url: str, s3_settings: dict[str, str],
+                docker_engine: DockerEngine, docker_prefix: str, code_server_image: str
+                ) -> AsyncIterator[str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEHUB_")}
+    env.update(docker_engine.env())
+    env.update({
+        "CODEHUB_DATA_DIR": str(tmp_path / "data"),
+        "CODEHUB_SERVER__PORT": str(port),
+        "CODEHUB_DATABASE__URL": database_url,
+        "CODEHUB_S3__ENDPOINT_URL": s3_settings["endpoint_url"],
+        "CODEHUB_S3__REGION": s3_settings["region"],
+        "CODEHUB_S3__ACCESS_KEY_ID": s3_settings["access_key_id"],
+        "CODEHUB_S3__SECRET_ACCESS_KEY": s3_settings["secret_access_key"],
+        "CODEHUB_S3__BUCKET": s3_settings["bucket"],
+        "CODEHUB_DOCKER__NETWORK": f"{docker_prefix}-net",
+        "CODEHUB_DOCKER__CONTAINER_PREFIX": f"{docker_prefix}-ws-",
+        "CODEHUB_DOCKER__VOLUME_PREFIX": f"{docker_prefix}-home-",
+        "CODEHUB_DOCKER__WORKSPACE_IMAGE": code_server_image,
+        "CODEHUB_DOCKER__EGRESS": "none",
+        "CODEHUB_AUTH__ADMIN_TOKENS": TOKEN,
+        "CODEHUB_RECONCILER__RESYNC_INTERVAL": "2",
+    })
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "codehub.cli", "serve"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    async with http.get(f"{base}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "serve did not become ready"
+                await asyncio.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "hardened-serve.log").write_text((tmp_path / "serve.log").read_text())
+
+
+async def _api(http: aiohttp.ClientSession, method: str, url: str,
+               body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    async with http.request(method, url, json=body,
+                            headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        return resp.status, await resp.json()
+
+
+async def _wait_status(http: aiohttp.ClientSession, base: str, wid: str, status: str,
+                       timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, ws = await _api(http, "GET", f"{base}/api/v1/workspaces/{wid}")
+        assert code == 200, ws
+        if ws["status"] == status and ws["operation"] == "NONE":
+            return dict(ws)
+        assert ws["status"] != "ERROR", ws
+        assert time.monotonic() < deadline, ws
+        await asyncio.sleep(0.5)
+
+
+async def _cat(docker: aiodocker.Docker, container: str, path: str) -> str:
+    run = await docker.containers.container(container).exec(["cat", path])
+    out = b""
+    async with run.start(detach=False) as stream:
+        while (msg := await stream.read_out()) is not None:
+            out += msg.data
+    return out.decode(errors="replace")
+
+
+async def _open_workbench(page: Any, link: str) -> None:
+    response = await page.goto(link, timeout=60_000)
+    assert response.status == 200
+    await page.wait_for_selector(".monaco-workbench", timeout=120_000)
+    await page.wait_for_selector(".statusbar", timeout=60_000)
+    await asyncio.sleep(3)  # the remote connection and the file explorer settle
+
+
+@pytest.mark.timeout(1800)
+async def test_code_server_under_the_hardened_defaults_runs_a_terminal_saves_a_file_and_keeps_it_through_cold(  # noqa: E501
+        serve: str, docker: aiodocker.Docker, docker_prefix: str) -> None:
+    base = serve
+    container = f"{docker_prefix}-ws-cs"
+    async with aiohttp.ClientSession() as http:
+        code, ws = await _api(http, "POST", f"{base}/api/v1/workspaces",
+                              {"id": "cs", "owner": "tester"})
+        assert code == 201, ws
+        await _wait_status(http, base, "cs", "RUNNING")
+        code, link = await _api(http, "POST", f"{base}/api/v1/workspaces/cs/access-links")
+        assert code == 201, link
+        ARTIFACTS.mkdir(exist_ok=True)
+        async with browser_page() as page:
+            await _open_workbench(page, link["url"])
+            # A terminal: run a command that writes a file.
+            await page.keyboard.press("Control+Backquote")
+            await page.wait_for_selector(".xterm", timeout=60_000)
+            await asyncio.sleep(2)
+            await page.keyboard.type("echo from-the-terminal-$((6*7)) > notes.txt\n", delay=20)
+            deadline = time.monotonic() + 60
+            while "from-the-terminal-42" not in await _cat(docker, container,
+                                                           "/home/coder/notes.txt"):
+                assert time.monotonic() < deadline, "the terminal's command never ran"
+                await asyncio.sleep(0.5)
+            await page.screenshot(path=str(ARTIFACTS / "hardened-terminal.png"))
+            # The editor: open the file, add a line, save.
+            await page.keyboard.press("Control+p")
+            await page.wait_for_selector(".quick-input-widget", timeout=30_000)
+            await page.keyboard.type("/home/coder/notes.txt", delay=30)
+            await page.wait_for_selector(".quick-input-list .monaco-list-row", timeout=30_000)
+            await page.keyboard.press("Enter")
+            editor = ".editor-instance .monaco-editor .view-lines"
+            await page.wait_for_selector(editor, timeout=30_000)
+            await page.click(editor)
+            await page.keyboard.press("Control+End")
+            await page.keyboard.type("typed-in-the-editor\n", delay=20)
+            await page.keyboard.press("Control+s")
+            deadline = time.monotonic() + 60
+            while "typed-in-the-editor" not in await _cat(docker, container,
+                                                          "/home/coder/notes.txt"):
+                assert time.monotonic() < deadline, "the editor's save never reached the home"
+                await asyncio.sleep(0.5)
+            await page.screenshot(path=str(ARTIFACTS / "hardened-editor.png"))
+        saved = await _cat(docker, container, "/home/coder/notes.txt")
+
+        # RUNNING -> COLD (archived, volume gone) -> restore -> RUNNING: the file is back.
+        code, _ = await _api(http, "PATCH", f"{base}/api/v1/workspaces/cs",
+                             {"desired_state": "COLD"})
+        assert code == 202
+        cold = await _wait_status(http, base, "cs", "COLD")
+        assert cold["archive"] and cold["archive"]["size"] > 0
+        code, _ = await _api(http, "POST", f"{base}/api/v1/workspaces/cs/restore",
+                             {"start": True})
+        assert code == 202
+        await _wait_status(http, base, "cs", "RUNNING")
+        assert await _cat(docker, container, "/home/coder/notes.txt") == saved
+        code, link = await _api(http, "POST", f"{base}/api/v1/workspaces/cs/access-links")
+        async with browser_page() as page:
+            await _open_workbench(page, link["url"])
+            text = await page.inner_text("body")
+            assert "Cannot reconnect" not in text
+            await page.screenshot(path=str(ARTIFACTS / "hardened-after-restore.png"))
