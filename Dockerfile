@@ -3,9 +3,12 @@
 # Built without a registry: BASE_IMAGE is a locally made Debian bookworm image with
 # python3 (scripts/build-base-image), and the Python wheels are built on the host into
 # build/wheels (scripts/build-gateway-image does both, then checks `codehub --help`).
-# The gateway reaches Docker through its socket, mounted at run time:
+# The gateway reaches Docker through its socket, mounted at run time, and runs in the
+# host's network namespace (the only one from which workspaces are reachable; it installs
+# the firewall there, hence NET_ADMIN):
 #   docker run -v /var/run/docker.sock:/var/run/docker.sock -v codehub-data:/data \
-#     -p 8000:8000 -e CODEHUB_DOCKER__GATEWAY_CONTAINER=codehub --name codehub IMAGE
+#     --network host --cap-add NET_ADMIN \
+#     -e CODEHUB_DOCKER__GATEWAY_CONTAINER=codehub --name codehub IMAGE
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
 

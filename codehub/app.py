@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import api, gateway, health, keys, metrics, postgres, store
 from .clock import SystemClock
-from .config import Config
+from .config import Config, home_owner
 from .hints import InProcessHintBus, RedisHintBus
 from .interfaces import ObjectStore
 from .reconciler.controller import Controller, Schedule
@@ -26,6 +26,7 @@ from .runtime.docker import DockerInstanceController
 from .runtime.firewall import Firewall
 from .runtime.network import BridgeNetwork
 from .runtime.sandbox import Sandbox
+from .storage.disks import DiskLayout, HomeDisks
 from .storage.objects import LocalObjectStore, S3ObjectStore
 from .storage.volumes import DockerVolumeStorage
 
@@ -129,6 +130,19 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("docker.firewall = off: workspaces can reach each other, the host's "
                     "services and private networks; only for a single trusted user")
     gateway_container = dc.gateway_container or None
+    helper_image = cfg.archive.helper_image or dc.workspace_image
+    disks = HomeDisks(docker, helper_image=helper_image,
+                      layout=DiskLayout(dc.home_image_dir, dc.home_mount_dir),
+                      local=gateway_container is None) if dc.home_size_limit_mib else None
+    storage = DockerVolumeStorage(
+        docker=docker, objects=app[keys.OBJECTS], helper_image=helper_image,
+        compression_level=cfg.archive.compression_level,
+        volume_prefix=dc.volume_prefix, home_owner=home_owner(dc.home_owner),
+        home_size_limit=dc.home_size_limit_mib << 20, disks=disks,
+        restore_network=BridgeNetwork(
+            docker, f"{dc.network}-restore", gateway_container, firewall=firewall,
+            host_tcp=True,
+        ) if cfg.archive.restore_with == "tar" else None)
     instances = DockerInstanceController(
         docker=docker, name_prefix=dc.container_prefix,
         network=BridgeNetwork(docker, dc.network, gateway_container, firewall=firewall,
@@ -138,16 +152,7 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
                         cap_add=tuple(dc.cap_add), read_only_root=dc.read_only_root,
                         tmp_size_bytes=dc.tmp_size_mib << 20),
         command=dc.command, port=dc.port, health_path=dc.health_path,
-        start_timeout=dc.start_timeout)
-    storage = DockerVolumeStorage(
-        docker=docker, objects=app[keys.OBJECTS],
-        helper_image=cfg.archive.helper_image or dc.workspace_image,
-        compression_level=cfg.archive.compression_level,
-        volume_prefix=dc.volume_prefix,
-        restore_network=BridgeNetwork(
-            docker, f"{dc.network}-restore", gateway_container, firewall=firewall,
-            host_tcp=True,
-        ) if cfg.archive.restore_with == "tar" else None)
+        start_timeout=dc.start_timeout, prepare_volume=storage.ensure_home)
     app[keys.INSTANCES] = instances
     app[keys.STORAGE] = storage
     clock = SystemClock()

@@ -52,6 +52,20 @@ def _capabilities(value: list[str]) -> str | None:
             f"({', '.join(DOCKER_DEFAULT_CAPABILITIES)})") if bad else None
 
 
+def _uid_gid(value: str) -> tuple[int, int] | None:
+    uid, sep, gid = value.partition(":")
+    if not (sep and uid.isdigit() and gid.isdigit()):
+        return None
+    return int(uid), int(gid)
+
+
+def home_owner(value: str) -> tuple[int, int]:
+    """docker.home_owner as numbers (already checked)."""
+    parsed = _uid_gid(value)
+    assert parsed is not None
+    return parsed
+
+
 def _ipv4_networks(value: list[str]) -> str | None:
     for cidr in value:
         try:
@@ -156,6 +170,21 @@ class DockerConfig:
         True, "Workspaces get a read-only root file system and a private /tmp (tmpfs).")
     tmp_size_mib: int = setting(512, "Size of a workspace's /tmp in MiB (counts towards its "
                                      "memory).", lo=1, hi=1 << 20)
+    home_size_limit_mib: int = setting(
+        10240, "Size of each home in MiB: its own ext4 file system in a sparse image file, "
+        "loop-mounted nosuid,nodev (writing past it fails with ENOSPC inside the "
+        "workspace; a restore whose files add up to more ends in ERROR, the archive kept). "
+        "0: plain Docker volumes without a limit.", lo=0, hi=1 << 30)
+    home_image_dir: str = setting(
+        "/var/lib/codehub/homes", "Directory on the Docker host for the homes' image files.",
+        check=lambda v: None if v.startswith("/") else "must be an absolute path")
+    home_mount_dir: str = setting(
+        "/run/codehub/homes", "Directory on the Docker host where homes are mounted (best "
+        "on a tmpfs: empty after a reboot).",
+        check=lambda v: None if v.startswith("/") else "must be an absolute path")
+    home_owner: str = setting(
+        "1000:1000", "uid:gid of the workspace user (code-server's coder): owner of every "
+        "restored file.", check=lambda v: None if _uid_gid(v) else "expected uid:gid")
 
 
 @dataclass(frozen=True, slots=True)

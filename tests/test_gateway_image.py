@@ -1,5 +1,6 @@
 """The single-container deployment: the Dockerfile builds here without a registry, and the
-gateway restores an archive from inside its container (the tar helper connects back to it)."""
+gateway restores an archive from inside its container, run with --network host as the
+README says (the tar helper connects back to it on the restore network)."""
 
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def test_a_gateway_in_a_container_restores_through_the_tar_helper(
     args = {"network": f"{docker_prefix}-restore", "me": me,
             "helper_image": workspace_image, "volume_prefix": f"{docker_prefix}-home-"}
     proc = subprocess.run(
-        ["docker", "run", "--rm", "--name", me, "-v", f"{socket_path}:/var/run/docker.sock",
+        ["docker", "run", "--rm", "--name", me, "--network", "host",
+         "-v", f"{socket_path}:/var/run/docker.sock",
          "--entrypoint", "python3", gateway_image, "-c", IN_CONTAINER, json.dumps(args)],
         capture_output=True, text=True, timeout=300, env=docker_engine.env())
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -41,7 +41,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -109,6 +109,7 @@ class DockerInstanceController(InstanceController):
         health_path: str = "/healthz",
         start_timeout: float = 60.0,
         gateway_container: str | None = None,
+        prepare_volume: Callable[[str], Awaitable[None]] | None = None,
         probe_timeout: float = 1.0,
         poll_interval: float = 0.25,
     ) -> None:
@@ -132,6 +133,7 @@ class DockerInstanceController(InstanceController):
         self._port = port
         self._health_path = health_path if health_path.startswith("/") else "/" + health_path
         self._start_timeout = start_timeout
+        self._prepare_volume = prepare_volume
         self._probe_timeout = probe_timeout
         self._poll_interval = poll_interval
         self._session: aiohttp.ClientSession | None = None
@@ -151,6 +153,8 @@ class DockerInstanceController(InstanceController):
     async def start(self, workspace_id: str, image_ref: str, volume_name: str) -> None:
         name = self.container_name(workspace_id)
         await self._require_volume(volume_name)
+        if self._prepare_volume is not None:
+            await self._prepare_volume(volume_name)  # e.g. mount a size-limited home
         await self._bridge.ensure()
         spec = self._spec(image_ref, volume_name)
         info = await self._inspect(name)

@@ -97,6 +97,7 @@ from ..interfaces import (
 from ..model import VolumeState
 from ..runtime.engine import TRANSPORT_ERRORS, docker_failure, ensure_image, log_tail
 from ..runtime.network import BridgeNetwork
+from .disks import HomeDisks
 from .feed import FeedConnection, FeedListener, ListenError
 from .tarfilter import TarFilter
 
@@ -111,6 +112,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
 ROLE_HOME = "home"
 ROLE_HELPER = "storage-helper"
 LABEL_RESTORED_FROM = "codehub.restored-from-sha256"
+LABEL_HOME_DISK = "codehub.home-disk"  # a size-limited home (codehub.storage.disks)
 
 MOUNT = "/home/coder"  # where helpers mount the volume; its basename is the archive's top
 _MOUNT_PARENT = "/home"
@@ -302,6 +304,7 @@ class DockerVolumeStorage(StorageProvider):
         restore_network: BridgeNetwork | None = None,
         home_owner: tuple[int, int] = (1000, 1000),
         home_size_limit: int | None = None,
+        disks: HomeDisks | None = None,
     ) -> None:
         """`helper_image` must be present locally (or pullable). `chunk_size` is the unit
         read from Docker and compressed at a time. With `restore_network`, restore runs
@@ -321,6 +324,7 @@ class DockerVolumeStorage(StorageProvider):
         self._restore_network = restore_network
         self._owner = home_owner
         self._size_limit = home_size_limit or None
+        self._disks = disks if self._size_limit else None
 
     # --- names -------------------------------------------------------------------------
 
@@ -349,6 +353,16 @@ class DockerVolumeStorage(StorageProvider):
         self._require_ours(info, workspace_id)
         return name
 
+    async def ensure_home(self, home_store_key: str) -> None:
+        """Before anything mounts the volume: a size-limited home's file system is mounted
+        (PermanentError when its image is gone: never an empty home)."""
+        info = await self._inspect_volume(home_store_key)
+        if info is not None and (info.get("Labels") or {}).get(LABEL_HOME_DISK):
+            if self._disks is None:
+                raise PermanentError(f"volume {home_store_key} is a size-limited home but "
+                                     "docker.home_size_limit_mib is 0 here")
+            await self._disks.ensure_mounted(home_store_key)
+
     async def get_volume_status(self, workspace_id: str, home_store_key: str) -> VolumeState:
         info = await self._inspect_volume(home_store_key)
         return VolumeState.MISSING if info is None else VolumeState.PRESENT
@@ -364,6 +378,7 @@ class DockerVolumeStorage(StorageProvider):
         if info is None:
             raise PermanentError(f"volume {home_store_key} of {workspace_id} does not exist")
         self._require_ours(info, workspace_id)
+        await self.ensure_home(home_store_key)
         helper = await self._create_helper(home_store_key, workspace_id, "archiver",
                                            read_only=True)
         report = _Reporter(progress)
@@ -727,6 +742,8 @@ class DockerVolumeStorage(StorageProvider):
                 self._require_ours(info, None)
                 failpoint("purge.before_volume_delete")
                 await self._delete_volume(home_store_key)
+            if self._disks is not None:
+                await self._disks.remove(home_store_key)
         if archive_key is not None:
             await self._objects.delete(archive_key)
 
@@ -760,9 +777,14 @@ class DockerVolumeStorage(StorageProvider):
                              extra: dict[str, str]) -> dict[str, Any]:
         labels = {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID: workspace_id,
                   LABEL_ROLE: ROLE_HOME, **extra}
+        spec: dict[str, Any] = {"Name": name, "Driver": "local", "Labels": labels}
+        if self._disks is not None and self._size_limit:
+            # The file system first: a crash before the volume exists is redone by a re-run.
+            await self._disks.create(name, self._size_limit, self._owner)
+            spec["DriverOpts"] = self._disks.volume_options(name)
+            labels[LABEL_HOME_DISK] = "ext4"
         with _docker_errors(f"creating volume {name}"):
-            await self._docker.volumes.create(  # type: ignore[no-untyped-call]
-                {"Name": name, "Driver": "local", "Labels": labels})
+            await self._docker.volumes.create(spec)  # type: ignore[no-untyped-call]
         info = await self._inspect_volume(name)
         if info is None:
             raise AdapterError(f"volume {name} vanished right after it was created")
@@ -796,10 +818,11 @@ class DockerVolumeStorage(StorageProvider):
         """Remove a half-made volume of ours (and its helpers); refuse anything else."""
         await self._remove_helpers(name)
         info = await self._inspect_volume(name)
-        if info is None:
-            return
-        self._require_ours(info, workspace_id)
-        await self._delete_volume(name)
+        if info is not None:
+            self._require_ours(info, workspace_id)
+            await self._delete_volume(name)
+        if self._disks is not None:
+            await self._disks.remove(name)
 
     # --- helper containers -------------------------------------------------------------
 
