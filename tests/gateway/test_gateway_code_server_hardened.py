@@ -1,7 +1,8 @@
 """Real code-server under the hardened defaults, end to end through `codehub serve`.
 
 `codehub serve` runs as a user starts it (firewall on, egress none, workspaces with no
-capabilities, no new privileges, a pids limit and a read-only root), against the test's
+capabilities, no new privileges, a pids limit and a read-only root, size-limited homes
+mounted nosuid,nodev), against the test's
 PostgreSQL, S3 (moto) and Docker. In headless chromium: the workbench loads, a terminal
 opens and runs a command, a file edited and saved in the editor is there, and the home
 survives RUNNING -> COLD -> restore -> RUNNING.
@@ -68,6 +69,10 @@ async def serve(tmp_path: Path, database_url: str, s3_settings: dict[str, str],
         "CODEHUB_DOCKER__EGRESS": "none",
         "CODEHUB_AUTH__ADMIN_TOKENS": TOKEN,
         "CODEHUB_RECONCILER__RESYNC_INTERVAL": "2",
+        # Size-limited homes (the default) with their images and mounts the test's own.
+        "CODEHUB_DOCKER__HOME_SIZE_LIMIT_MIB": "512",
+        "CODEHUB_DOCKER__HOME_IMAGE_DIR": str(tmp_path / "homes"),
+        "CODEHUB_DOCKER__HOME_MOUNT_DIR": str(tmp_path / "mnt"),
     })
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "codehub.cli", "serve"], env=env,
@@ -94,6 +99,8 @@ async def serve(tmp_path: Path, database_url: str, s3_settings: dict[str, str],
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        subprocess.run(["sh", "-c", f"grep -o ' {tmp_path}/mnt/[^ ]*' /proc/mounts | "
+                        "xargs -r -n1 umount -l"], capture_output=True)
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "hardened-serve.log").write_text((tmp_path / "serve.log").read_text())
 
@@ -192,6 +199,9 @@ async def test_code_server_under_the_hardened_defaults_runs_a_terminal_saves_a_f
         assert code == 202
         await _wait_status(http, base, "cs", "RUNNING")
         assert await _cat(docker, container, "/home/coder/notes.txt") == saved
+        mounts = await _cat(docker, container, "/proc/mounts")
+        home = next(line for line in mounts.splitlines() if " /home/coder " in line)
+        assert " ext4 " in home and "nosuid" in home and "nodev" in home, home
         code, link = await _api(http, "POST", f"{base}/api/v1/workspaces/cs/access-links")
         async with browser_page() as page:
             await _open_workbench(page, link["url"])
