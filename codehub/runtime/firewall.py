@@ -24,7 +24,9 @@ Guarantees:
   only on its own bridge interface, policy and allow list, and their rule count does not
   depend on how many containers the network has (O(1) per network).
 - `Firewall.apply()` installs one network's chains atomically (iptables-restore: a
-  network is never half-filtered) and hooks them into DOCKER-USER and INPUT once; calling
+  network is never half-filtered) and hooks them into DOCKER-USER and INPUT once, by
+  jumps that match the bridge interface (traffic of other interfaces, loopback included,
+  costs one interface comparison per network); calling
   it again replaces the chains' contents. It uses the iptables variant (nft or legacy) in
   which Docker's DOCKER-USER chain lives, and raises PermanentError naming
   `docker.firewall` when it cannot (no iptables, no CAP_NET_ADMIN).
@@ -52,7 +54,6 @@ NON_PUBLIC = (
     "240.0.0.0/4",
 )
 CHAIN_PREFIX = "CODEHUB-"
-_HOOKS = (("F", "DOCKER-USER"), ("I", "INPUT"))
 _IFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
@@ -102,6 +103,12 @@ def rules(policy: NetworkPolicy) -> str:
     return "\n".join(lines)
 
 
+def _hooks(interface: str) -> list[tuple[str, str, str]]:
+    """(base chain, interface match, our chain) of the jumps into a network's chains."""
+    fwd, inp = chain_names(interface)
+    return [("DOCKER-USER", "-i", fwd), ("DOCKER-USER", "-o", fwd), ("INPUT", "-i", inp)]
+
+
 class Firewall:
     """Applies `rules()` with the host's iptables. One instance per process is enough."""
 
@@ -115,11 +122,12 @@ class Firewall:
         async with self._lock:
             variant = await self._find_variant()
             await self._run(f"{variant}-restore", "--noflush", stdin=rules(policy))
-            for kind, hook in _HOOKS:
-                chain = chain_names(policy.interface)[0 if kind == "F" else 1]
-                if await self._try(variant, "-C", hook, "-j", chain):
+            for hook, match, chain in _hooks(policy.interface):
+                # The jump matches the interface itself: other traffic (loopback, other
+                # bridges) costs one interface comparison per network, nothing more.
+                if await self._try(variant, "-C", hook, match, policy.interface, "-j", chain):
                     continue
-                await self._run(variant, "-I", hook, "1", "-j", chain)
+                await self._run(variant, "-I", hook, "1", match, policy.interface, "-j", chain)
 
     async def prune(self) -> list[str]:
         """Remove our chains whose bridge is gone; returns their names."""
@@ -141,8 +149,9 @@ class Firewall:
             for fwd in gone:
                 inp = fwd.replace("-F-", "-I-", 1)
                 for chain, hook in ((fwd, "DOCKER-USER"), (inp, "INPUT")):
-                    while await self._try(variant, "-D", hook, "-j", chain):
-                        pass
+                    for line in (await self._run(variant, "-S", hook)).splitlines():
+                        if line.startswith(f"-A {hook} ") and line.endswith(f" -j {chain}"):
+                            await self._try(variant, "-D", *line.split()[1:])
                     await self._try(variant, "-F", chain)
                     await self._try(variant, "-X", chain)
             return gone
