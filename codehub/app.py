@@ -145,8 +145,10 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
         ) if cfg.archive.restore_with == "tar" else None)
     instances = DockerInstanceController(
         docker=docker, name_prefix=dc.container_prefix,
-        network=BridgeNetwork(docker, dc.network, gateway_container, firewall=firewall,
-                              egress=dc.egress, allow=dc.egress_allow),
+        network=[BridgeNetwork(docker, name, gateway_container, firewall=firewall,
+                               egress=dc.egress, allow=dc.egress_allow)
+                 for name in ([dc.network] if dc.networks == 1 else
+                              [f"{dc.network}-{i}" for i in range(dc.networks)])],
         sandbox=Sandbox(memory_limit_bytes=(dc.memory_limit_mib << 20) or None,
                         cpu_limit=dc.cpu_limit or None, pids_limit=dc.pids_limit or None,
                         cap_add=tuple(dc.cap_add), read_only_root=dc.read_only_root,

@@ -146,6 +146,10 @@ class DockerConfig:
         "", "Name of the gateway's own container, when it runs in one. It must run with "
         "--network host (and --cap-add NET_ADMIN for the firewall); CodeHub checks and "
         "refuses to start workspaces otherwise.")
+    networks: int = setting(
+        1, "Bridge networks the workspaces are spread over (by a hash of their id), named "
+        "<network> when 1, else <network>-0 ... A Linux bridge takes at most 1,024 ports: "
+        "plan one network per ~900 workspaces.", lo=1, hi=1000)
     egress: str = setting(
         "public", "What a workspace reaches outside its container. public: public addresses "
         "only, through NAT (git clone, pip and npm work; private, loopback, link-local with "

@@ -255,3 +255,34 @@ async def test_only_the_restore_helper_network_reaches_the_feed(
         await docker.containers.container(helper).start()
         seen = await probe_from(docker, helper, [target])
         assert seen[target] == "open"
+
+
+async def test_workspaces_spread_over_several_networks_still_reach_nothing_of_each_other(
+        docker: aiodocker.Docker, docker_prefix: str, workspace_image: str) -> None:
+    """docker.networks > 1 (a bridge holds about a thousand workspaces): each workspace on
+    the network its id hashes to; across networks as within one, nothing gets through."""
+    firewall = Firewall()
+    bridges = [BridgeNetwork(docker, f"{docker_prefix}-net-{i}", firewall=firewall,
+                             egress="public") for i in range(3)]
+    ctl = DockerInstanceController(docker=docker, network=bridges,
+                                   name_prefix=f"{docker_prefix}-ws-", start_timeout=60,
+                                   sandbox=Sandbox(memory_limit_bytes=256 << 20))
+    try:
+        ids = [f"w{i}" for i in range(6)]
+        placed: dict[str, str] = {}
+        for ws in ids:
+            await ctl.start(ws, workspace_image,
+                            await _volume(docker, f"{docker_prefix}-home-{ws}"))
+            info = (await docker.containers.get(f"{docker_prefix}-ws-{ws}"))._container
+            (placed[ws],) = list(info["NetworkSettings"]["Networks"])
+            assert placed[ws] == ctl.bridge_for(ws).name
+        assert len(set(placed.values())) >= 2, placed
+        addresses = {ws: (await ctl.resolve_upstream(ws)).host for ws in ids}
+        for ws in ids:  # the gateway reaches every one
+            assert await _http_status(addresses[ws], 8080) == 200
+        source = ids[0]
+        targets: list[Target] = [("tcp", addresses[ws], 8080) for ws in ids[1:]]
+        seen = await probe_from(docker, f"{docker_prefix}-ws-{source}", targets)
+        assert all(r != "open" for r in seen.values()), seen
+    finally:
+        await ctl.close()

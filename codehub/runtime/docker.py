@@ -99,7 +99,7 @@ class DockerInstanceController(InstanceController):
         self,
         *,
         docker: aiodocker.Docker,
-        network: str | BridgeNetwork = "codehub-workspaces",
+        network: str | BridgeNetwork | Sequence[BridgeNetwork] = "codehub-workspaces",
         name_prefix: str = "codehub-ws-",
         memory_limit_bytes: int | None = None,
         cpu_limit: float | None = None,
@@ -114,14 +114,20 @@ class DockerInstanceController(InstanceController):
         poll_interval: float = 0.25,
     ) -> None:
         """`network`: a name (a BridgeNetwork without firewall is made for it: tests and
-        operators who isolate by other means) or the BridgeNetwork to use.
+        operators who isolate by other means), the BridgeNetwork to use, or several: each
+        workspace then joins one of them, chosen by a hash of its id (a Linux bridge takes
+        at most 1,024 ports, so one network holds about a thousand workspaces).
         `memory_limit_bytes` / `cpu_limit` (cores, as NanoCpus) None or 0: no limit; they
         override the sandbox's. `command` is the container's Cmd (arguments to the
         image's entrypoint)."""
         self._docker = docker
-        self._bridge = (network if isinstance(network, BridgeNetwork)
-                        else BridgeNetwork(docker, network, gateway_container))
-        self.network = self._bridge.name
+        if isinstance(network, str):
+            network = BridgeNetwork(docker, network, gateway_container)
+        self._bridges = (network,) if isinstance(network, BridgeNetwork) else tuple(network)
+        if not self._bridges:
+            raise ValueError("at least one network is needed")
+        self._names = {b.name for b in self._bridges}
+        self.network = self._bridges[0].name
         self._prefix = name_prefix
         base = sandbox or Sandbox()
         if memory_limit_bytes is not None or cpu_limit is not None:
@@ -155,15 +161,16 @@ class DockerInstanceController(InstanceController):
         await self._require_volume(volume_name)
         if self._prepare_volume is not None:
             await self._prepare_volume(volume_name)  # e.g. mount a size-limited home
-        await self._bridge.ensure()
-        spec = self._spec(image_ref, volume_name)
+        bridge = self.bridge_for(workspace_id)
+        await bridge.ensure()
+        spec = self._spec(image_ref, volume_name, bridge.name)
         info = await self._inspect(name)
-        if info is None or not await self._reusable(info, spec):
+        if info is None or not await self._reusable(info, spec, bridge.name):
             if info is not None:
                 self._require_ours(info)
                 await self._remove(name)
             await ensure_image(self._docker, image_ref)
-            await self._create(name, workspace_id, image_ref, volume_name, spec)
+            await self._create(name, workspace_id, image_ref, volume_name, spec, bridge)
             try:
                 await self._docker.containers.container(name).start()
             except aiodocker.DockerError as exc:
@@ -210,7 +217,8 @@ class DockerInstanceController(InstanceController):
             raise AdapterError(f"container {name} is not running")
         address = self._address(info)
         if address is None:
-            raise AdapterError(f"container {name} has no address on network {self.network}")
+            raise AdapterError(f"container {name} has no address on network "
+                               f"{self.bridge_for(workspace_id).name}")
         return UpstreamInfo(host=address, port=self._port)
 
     async def list_managed(self) -> list[ManagedResource]:
@@ -231,7 +239,12 @@ class DockerInstanceController(InstanceController):
 
     # --- helpers -----------------------------------------------------------------------
 
-    async def _reusable(self, info: dict[str, Any], spec: str) -> bool:
+    def bridge_for(self, workspace_id: str) -> BridgeNetwork:
+        """The network of a workspace: fixed by its id (and the number of networks)."""
+        digest = hashlib.sha256(workspace_id.encode()).digest()
+        return self._bridges[int.from_bytes(digest[:8], "big") % len(self._bridges)]
+
+    async def _reusable(self, info: dict[str, Any], spec: str, network: str) -> bool:
         """Running, unpaused, built from this spec, on our network, and not a container that
         already had its whole start_timeout to become healthy and did not."""
         state = info.get("State", {})
@@ -239,7 +252,7 @@ class DockerInstanceController(InstanceController):
             return False
         if (info["Config"].get("Labels") or {}).get(LABEL_SPEC) != spec:
             return False
-        if self.network not in (info["NetworkSettings"].get("Networks") or {}):
+        if network not in (info["NetworkSettings"].get("Networks") or {}):
             return False
         if _age_seconds(state.get("StartedAt", "")) <= self._start_timeout:
             return True
@@ -253,14 +266,16 @@ class DockerInstanceController(InstanceController):
             raise PermanentError(f"container {info.get('Name', '?').lstrip('/')} exists and "
                                  "is not managed by CodeHub: refusing to touch it")
 
-    def _spec(self, image_ref: str, volume_name: str) -> str:
+    def _spec(self, image_ref: str, volume_name: str, network: str) -> str:
         spec = {"image": image_ref, "volume": volume_name, "command": self._command,
-                "sandbox": self.sandbox.spec(), "network": self.network, "port": self._port}
+                "sandbox": self.sandbox.spec(), "network": network, "port": self._port}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def _address(self, info: dict[str, Any]) -> str | None:
-        net = (info.get("NetworkSettings", {}).get("Networks") or {}).get(self.network) or {}
-        return net.get("IPAddress") or None
+        for name, net in (info.get("NetworkSettings", {}).get("Networks") or {}).items():
+            if name in self._names and net and net.get("IPAddress"):
+                return str(net["IPAddress"])
+        return None
 
     async def _inspect(self, name: str) -> dict[str, Any] | None:
         try:
@@ -298,9 +313,9 @@ class DockerInstanceController(InstanceController):
             raise docker_failure(f"removing {name}", exc) from exc
 
     async def _create(self, name: str, workspace_id: str, image_ref: str, volume_name: str,
-                      spec: str) -> None:
+                      spec: str, bridge: BridgeNetwork) -> None:
         host: dict[str, Any] = {
-            "NetworkMode": self.network,
+            "NetworkMode": bridge.name,
             "Mounts": [{"Type": "volume", "Source": volume_name, "Target": HOME}],
             "RestartPolicy": {"Name": "no"},
             "PortBindings": {},
@@ -313,7 +328,7 @@ class DockerInstanceController(InstanceController):
             "Labels": {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID: workspace_id,
                        LABEL_ROLE: ROLE_WORKSPACE, LABEL_SPEC: spec},
             "HostConfig": host,
-            "NetworkingConfig": {"EndpointsConfig": {self.network: {}}},
+            "NetworkingConfig": {"EndpointsConfig": {bridge.name: {}}},
         }
         for attempt in (1, 2):
             try:
@@ -324,8 +339,8 @@ class DockerInstanceController(InstanceController):
                     await self._remove(name)
                     continue
                 if attempt == 1 and exc.status == 404 and "network" in exc.message.lower():
-                    self._bridge.forget()  # removed behind our back
-                    await self._bridge.ensure()
+                    bridge.forget()  # removed behind our back
+                    await bridge.ensure()
                     continue
                 raise docker_failure(f"creating {name}", exc) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
