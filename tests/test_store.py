@@ -148,20 +148,33 @@ async def test_sweep_skips_rows_mid_operation_or_already_moving(db: Store) -> No
     assert await db.sweep_warm(T0 + timedelta(days=1), 60) == []
 
 
-async def test_sweep_queries_use_their_partial_indexes(db: Store) -> None:
+async def test_each_sweep_is_one_update_over_its_tiers_partial_index(
+        db: Store, database_url: str) -> None:
+    """The plans of the statements Store.sweep_warm / sweep_cold really send, as PostgreSQL's
+    auto_explain reports them to the session that ran them."""
     for i in range(200):
         await db.create(id=f"w{i:03}", owner="o", image_ref="i", now=T0)
     await db.pool.execute("ANALYZE workspaces")
-    async with db.pool.acquire() as conn:
-        await conn.execute("SET enable_seqscan = off")
-        for status, desired, index in (("RUNNING", "RUNNING", "workspaces_running_idle"),
-                                       ("WARM", "WARM", "workspaces_warm_idle")):
-            plan = "\n".join(r[0] for r in await conn.fetch(
-                f"EXPLAIN UPDATE workspaces SET desired_state = 'COLD'"
-                f" WHERE status = '{status}' AND desired_state = '{desired}'"
-                f" AND operation = 'NONE' AND last_access_at < now()"
-                f" - make_interval(secs => coalesce(warm_ttl_seconds, 60))"))
-            assert index in plan, plan
+    conn = await asyncpg.connect(database_url)
+    try:
+        plans: list[str] = []
+        conn.add_log_listener(lambda _conn, msg: plans.append(msg.message))
+        await conn.execute("LOAD 'auto_explain'")
+        await conn.execute("SET auto_explain.log_min_duration = 0")
+        await conn.execute("SET auto_explain.log_level = NOTICE")  # sent to this client
+        await conn.execute("SET enable_seqscan = off")  # a plan the index can satisfy
+        on_conn = Store(conn)  # type: ignore[arg-type]  # a Connection has the pool's API
+        for sweep, index in ((on_conn.sweep_warm, "workspaces_running_idle"),
+                             (on_conn.sweep_cold, "workspaces_warm_idle")):
+            plans.clear()
+            assert await sweep(T0, 60) == []
+            await asyncio.sleep(0)  # notices are delivered with the result; be sure
+            statements = [p for p in plans if "Query Text:" in p]
+            assert len(statements) == 1, plans  # one statement per sweep
+            assert "UPDATE workspaces" in statements[0]
+            assert index in statements[0], statements[0]
+    finally:
+        await conn.close()
 
 
 async def test_touch_during_sweep_protects_the_row(db: Store, pool: asyncpg.Pool) -> None:
