@@ -5,8 +5,8 @@ Each case walks one workspace through the whole tour NEW -> RUNNING (home writte
 WARM -> COLD -> WARM (restore) -> RUNNING (home compared) -> DELETED with a real
 `codehub serve` child as the leader, on real PostgreSQL, Redis, Docker and moto S3.
 The first child has one failpoint armed (CODEHUB_FAILPOINT) or is killed after a random
-delay; every later child runs clean. Every failpoint case asserts that the child really
-died by SIGKILL.
+delay; every later child runs clean. Every case asserts that the child really died by
+SIGKILL exactly once.
 """
 
 from __future__ import annotations
@@ -64,9 +64,12 @@ async def converge(stack: Stack, leader: Leader, wid: str, status: Status | None
 
 async def tour(stack: Stack, leader: Leader, wid: str,
                random_kill: random.Random | None = None) -> None:
-    async def want(desired: DesiredState, status: Status | None) -> None:
+    async def want(desired: DesiredState, status: Status | None, last: bool = False) -> None:
         await stack.want(wid, desired)
-        if random_kill is not None and leader.kills == 0 and random_kill.random() < 0.5:
+        # Each step is killed with probability 1/2 until one is; the last step surely is,
+        # so that no case quietly becomes a plain lifecycle test.
+        if random_kill is not None and leader.kills == 0 and (
+                last or random_kill.random() < 0.5):
             await asyncio.sleep(random_kill.uniform(0.05, 2.0))
             leader.kill()
         await converge(stack, leader, wid, status)
@@ -83,7 +86,7 @@ async def tour(stack: Stack, leader: Leader, wid: str,
     await want(DesiredState.WARM, Status.WARM)
     await want(DesiredState.RUNNING, Status.RUNNING)
     assert await stack.manifest(wid) == before, "home data changed across the crash"
-    await want(DesiredState.DELETED, None)
+    await want(DesiredState.DELETED, None, last=True)
     assert await stack.leftovers() == {"containers": [], "volumes": [], "archives": []}
 
 
@@ -116,3 +119,4 @@ async def test_killed_at_a_random_moment_a_fresh_leader_converges_without_loss(
         await tour(stack, leader, "chaos", random_kill=rng)
     finally:
         leader.stop()
+    assert leader.kills == 1, "the leader was never killed"

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from gateway_support import Stack, start_workspace_container
+from gateway_support import Stack, start_workspace_container, wait_for
 from test_gateway_browser import ARTIFACTS, browser_page, mint
 
 from codehub.model import DesiredState, Status
@@ -35,7 +36,8 @@ def code_server_image(docker_engine: object) -> str:
 async def test_code_server_workbench_loads_and_its_websocket_connects(
         stack: Stack, code_server_image: str) -> None:
     await start_workspace_container(stack.up, "cs", image=code_server_image)
-    await stack.add("cs", status=Status.RUNNING, desired=DesiredState.RUNNING)
+    long_ago = datetime.now(UTC) - timedelta(hours=2)
+    await stack.add("cs", status=Status.RUNNING, desired=DesiredState.RUNNING, now=long_ago)
     link = await mint(stack, "cs")
     sockets: list[object] = []
     frames: list[int] = []
@@ -60,4 +62,12 @@ async def test_code_server_workbench_loads_and_its_websocket_connects(
         # No "cannot reconnect" dialog: the remote connection is up.
         text = await page.inner_text("body")  # type: ignore[attr-defined]
         assert "Cannot reconnect" not in text
-    assert stack.gw.activity.marks or stack.gw.activity.sockets is not None
+        # The workbench's socket is relayed (counted open) and its traffic marks the
+        # workspace active: the mark reaches the row with the next flush.
+        assert stack.gw.activity.sockets.get("cs", 0) >= 1, stack.gw.activity.sockets
+
+        async def marked() -> bool:
+            row = await stack.store.get("cs")
+            return row is not None and row.last_access_at > long_ago + timedelta(hours=1)
+
+        await wait_for(marked)
