@@ -56,6 +56,8 @@ import aiodocker
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tools import ensure_tools
 
 from codehub.config import DockerConfig
 from codehub.runtime.network import BridgeNetwork
@@ -319,6 +321,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    ensure_tools({"pigz": "pigz", "tar": "tar"})
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="MiB of data (default 1024)")
     parser.add_argument("--repeat", type=int, default=4,

@@ -42,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tools import ensure_tools  # noqa: E402
+
 CHP_DIR = ROOT / "build" / "chp"
 SIGNING_KEY = "bench-signing-key"
 BIG = 1024 * 1024
@@ -426,9 +429,7 @@ async def idle_sockets(url: str, cookie: str, n: int, pid: int) -> tuple[int, fl
 
 @contextlib.contextmanager
 def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
-    for tool in ("nginx", "wrk", "node", "npm"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is missing: apt-get install -y nginx wrk nodejs npm")
+    ensure_tools({"nginx": "nginx", "wrk": "wrk", "node": "nodejs", "npm": "npm"})
     children = Children()
     tmp = Path(tempfile.mkdtemp(prefix="codehub-bench-"))
     try:

@@ -21,6 +21,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +40,9 @@ from codehub.reconciler.controller import Controller, Schedule
 from codehub.reconciler.reconciler import CONVERGED, Result
 from codehub.reconciler.workqueue import WorkQueue
 from codehub.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tools import ensure_tools
 
 
 class Recorder:
@@ -123,6 +127,7 @@ async def _no_orphans() -> list[str]:
 
 @asynccontextmanager
 async def redis_bus() -> AsyncIterator[HintBus | None]:
+    ensure_tools({"redis-server": "redis-server"})
     exe = shutil.which("redis-server")
     if exe is None:
         yield None

@@ -23,7 +23,7 @@ from .reconciler.controller import Controller, Schedule
 from .reconciler.leader import LeaderElector
 from .reconciler.reconciler import EventLog, Policy, Reconciler
 from .runtime.docker import DockerInstanceController
-from .runtime.firewall import Firewall
+from .runtime.firewall import Firewall, host_resolvers
 from .runtime.network import BridgeNetwork
 from .runtime.sandbox import Sandbox
 from .storage.disks import DiskLayout, HomeDisks
@@ -130,6 +130,7 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("docker.firewall = off: workspaces can reach each other, the host's "
                     "services and private networks; only for a single trusted user")
     gateway_container = dc.gateway_container or None
+    resolvers = host_resolvers() if dc.egress == "public" else ()
     helper_image = cfg.archive.helper_image or dc.workspace_image
     disks = HomeDisks(docker, helper_image=helper_image,
                       layout=DiskLayout(dc.home_image_dir, dc.home_mount_dir),
@@ -146,7 +147,7 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     instances = DockerInstanceController(
         docker=docker, name_prefix=dc.container_prefix,
         network=[BridgeNetwork(docker, name, gateway_container, firewall=firewall,
-                               egress=dc.egress, allow=dc.egress_allow)
+                               egress=dc.egress, allow=dc.egress_allow, dns=resolvers)
                  for name in ([dc.network] if dc.networks == 1 else
                               [f"{dc.network}-{i}" for i in range(dc.networks)])],
         sandbox=Sandbox(memory_limit_bytes=(dc.memory_limit_mib << 20) or None,

@@ -136,7 +136,7 @@ class HostUdpEcho:
 @dataclass
 class NetnsHost:
     """A host in a network namespace of its own, behind a veth pair, serving HTTP on port
-    80 (and UDP echo on 5353) at `address`."""
+    80 (and UDP echo on 5353 and 53) at `address`."""
 
     name: str
     address: str
@@ -178,6 +178,8 @@ def make_netns_host(address: str, peer: str, prefix_len: int = 30) -> NetnsHost:
             subprocess.Popen([*ns, "python3", "-m", "http.server", "--bind", address, "80"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
             subprocess.Popen([*ns, "python3", "-c", UDP_ECHO, "5353"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            subprocess.Popen([*ns, "python3", "-c", UDP_ECHO, "53"],  # a "resolver"
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         ]
         _wait_listening(address, 80)

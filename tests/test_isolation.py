@@ -286,3 +286,24 @@ async def test_workspaces_spread_over_several_networks_still_reach_nothing_of_ea
         assert all(r != "open" for r in seen.values()), seen
     finally:
         await ctl.close()
+
+
+async def test_under_egress_public_the_hosts_resolvers_answer_on_port_53_and_nothing_else(
+        docker: aiodocker.Docker, docker_prefix: str, workspace_image: str,
+        hosts: NetnsHosts) -> None:
+    """Docker's embedded DNS forwards a workspace's queries to the host's resolvers from the
+    workspace's own namespace; a resolver in a private range (the usual case) stays
+    reachable on port 53 only."""
+    resolver = hosts.private.address
+    bridge = BridgeNetwork(docker, f"{docker_prefix}-net", firewall=Firewall(),
+                           egress="public", dns=(resolver,))
+    ctl = DockerInstanceController(docker=docker, network=bridge,
+                                   name_prefix=f"{docker_prefix}-ws-", start_timeout=60)
+    try:
+        await ctl.start("a", workspace_image, await _volume(docker, f"{docker_prefix}-home-a"))
+        targets: list[Target] = [("udp", resolver, 53), ("udp", resolver, 5353),
+                                 ("tcp", resolver, 80), ("udp", hosts.metadata.address, 53)]
+        seen = await probe_from(docker, f"{docker_prefix}-ws-a", targets)
+        assert [seen[t] == "open" for t in targets] == [True, False, False, False], seen
+    finally:
+        await ctl.close()

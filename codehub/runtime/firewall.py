@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import os
 import re
 import shutil
@@ -62,18 +63,41 @@ class NetworkPolicy:
     """What the members of one bridge may reach. `egress`: "none" or "public". `allow`:
     CIDRs reachable despite NON_PUBLIC (an internal DNS resolver, a package mirror).
     `host_tcp`: members may open TCP connections to the host's address on this bridge
-    (the restore network; never a workspace network)."""
+    (the restore network; never a workspace network). `dns`: resolvers reachable on port
+    53 under egress "public" even in a blocked range (Docker's embedded DNS forwards a
+    container's queries to the host's resolvers from the container's own namespace)."""
 
     interface: str
     egress: str = "none"
     allow: Sequence[str] = field(default_factory=tuple)
     host_tcp: str = ""
+    dns: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not _IFACE.match(self.interface):
             raise ValueError(f"invalid interface name {self.interface!r}")
         if self.egress not in ("none", "public"):
             raise ValueError(f"invalid egress {self.egress!r}")
+
+
+def host_resolvers(path: str = "/etc/resolv.conf") -> tuple[str, ...]:
+    """The IPv4 name servers of this host's resolv.conf, loopback ones left out (Docker
+    reaches those from the host's own namespace, not through the bridge)."""
+    found = []
+    try:
+        with open(path) as conf:
+            for line in conf:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        address = ipaddress.IPv4Address(parts[1])
+                    except ValueError:
+                        continue
+                    if not address.is_loopback:
+                        found.append(str(address))
+    except OSError:
+        return ()
+    return tuple(found)
 
 
 def chain_names(interface: str) -> tuple[str, str]:
@@ -92,6 +116,8 @@ def rules(policy: NetworkPolicy) -> str:
              f"-A {fwd} -o {br} -j DROP"]
     if policy.egress == "public":
         lines += [f"-A {fwd} -i {br} -d {cidr} -j RETURN" for cidr in policy.allow]
+        lines += [f"-A {fwd} -i {br} -d {ip} -p {proto} --dport 53 -j RETURN"
+                  for ip in policy.dns for proto in ("udp", "tcp")]
         lines += [f"-A {fwd} -i {br} -d {cidr} -j DROP" for cidr in NON_PUBLIC]
         lines.append(f"-A {fwd} -i {br} -j RETURN")
     else:

@@ -44,7 +44,8 @@ class BridgeNetwork:
     def __init__(self, docker: aiodocker.Docker, name: str,
                  gateway_container: str | None = None, *,
                  firewall: Firewall | None = None, egress: str = "none",
-                 allow: Sequence[str] = (), host_tcp: bool = False) -> None:
+                 allow: Sequence[str] = (), host_tcp: bool = False,
+                 dns: Sequence[str] = ()) -> None:
         """`egress`: "none" or "public" (see codehub.runtime.firewall). `host_tcp`: members
         may open TCP connections to this process's address on the network (the restore
         network, whose only members are our helpers)."""
@@ -57,6 +58,7 @@ class BridgeNetwork:
         self._egress = egress
         self._allow = tuple(allow)
         self._host_tcp = host_tcp
+        self._dns = tuple(dns)
         self._ready = False
         self._address = ""
         self._lock = asyncio.Lock()
@@ -81,7 +83,7 @@ class BridgeNetwork:
             if self._firewall is not None:
                 await self._firewall.apply(NetworkPolicy(
                     interface=bridge_interface(info), egress=self._egress, allow=self._allow,
-                    host_tcp=self._address if self._host_tcp else ""))
+                    host_tcp=self._address if self._host_tcp else "", dns=self._dns))
             self._ready = True
 
     def forget(self) -> None:
