@@ -134,6 +134,15 @@ async def _cat(docker: aiodocker.Docker, container: str, path: str) -> str:
     return out.decode(errors="replace")
 
 
+async def _wait_for_text(docker: aiodocker.Docker, container: str, text: str,
+                         failure: str) -> None:
+    """Until /home/coder/notes.txt in the workspace contains `text` (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while text not in await _cat(docker, container, "/home/coder/notes.txt"):
+        assert time.monotonic() < deadline, failure
+        await asyncio.sleep(0.5)
+
+
 async def _open_workbench(page: Any, link: str) -> None:
     response = await page.goto(link, timeout=60_000)
     assert response.status == 200
@@ -162,11 +171,8 @@ async def test_code_server_under_the_hardened_defaults_runs_a_terminal_saves_a_f
             await page.wait_for_selector(".xterm", timeout=60_000)
             await asyncio.sleep(2)
             await page.keyboard.type("echo from-the-terminal-$((6*7)) > notes.txt\n", delay=20)
-            deadline = time.monotonic() + 60
-            while "from-the-terminal-42" not in await _cat(docker, container,
-                                                           "/home/coder/notes.txt"):
-                assert time.monotonic() < deadline, "the terminal's command never ran"
-                await asyncio.sleep(0.5)
+            await _wait_for_text(docker, container, "from-the-terminal-42",
+                                 "the terminal's command never ran")
             await page.screenshot(path=str(ARTIFACTS / "hardened-terminal.png"))
             # The editor: open the file, add a line, save.
             await page.keyboard.press("Control+p")
@@ -180,11 +186,8 @@ async def test_code_server_under_the_hardened_defaults_runs_a_terminal_saves_a_f
             await page.keyboard.press("Control+End")
             await page.keyboard.type("typed-in-the-editor\n", delay=20)
             await page.keyboard.press("Control+s")
-            deadline = time.monotonic() + 60
-            while "typed-in-the-editor" not in await _cat(docker, container,
-                                                          "/home/coder/notes.txt"):
-                assert time.monotonic() < deadline, "the editor's save never reached the home"
-                await asyncio.sleep(0.5)
+            await _wait_for_text(docker, container, "typed-in-the-editor",
+                                 "the editor's save never reached the home")
             await page.screenshot(path=str(ARTIFACTS / "hardened-editor.png"))
         saved = await _cat(docker, container, "/home/coder/notes.txt")
 
