@@ -1,6 +1,7 @@
 """The single-container deployment: the Dockerfile builds here without a registry, and the
 gateway restores an archive from inside its container, run with --network host as the
-README says (the tar helper connects back to it on the restore network)."""
+README says: it installs the restore network's firewall and the tar helper connects back
+to it through it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CONTAINER = r"""
 import asyncio, io, json, sys, tarfile
 import aiodocker
+from codehub.runtime.firewall import Firewall
 from codehub.runtime.network import BridgeNetwork
 from codehub.storage.objects import LocalObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
@@ -29,7 +31,8 @@ async def main():
     async with aiodocker.Docker(url="unix:///var/run/docker.sock") as docker:
         objects = LocalObjectStore("/tmp/objects")
         await objects.start()
-        network = BridgeNetwork(docker, args["network"], gateway_container=args["me"])
+        network = BridgeNetwork(docker, args["network"], gateway_container=args["me"],
+                                firewall=Firewall(), host_tcp=True)
         storage = DockerVolumeStorage(docker=docker, objects=objects,
                                       helper_image=args["helper_image"],
                                       volume_prefix=args["volume_prefix"],
@@ -93,7 +96,7 @@ def test_a_gateway_in_a_container_restores_through_the_tar_helper(
     args = {"network": f"{docker_prefix}-restore", "me": me,
             "helper_image": workspace_image, "volume_prefix": f"{docker_prefix}-home-"}
     proc = subprocess.run(
-        ["docker", "run", "--rm", "--name", me, "--network", "host",
+        ["docker", "run", "--rm", "--name", me, "--network", "host", "--cap-add", "NET_ADMIN",
          "-v", f"{socket_path}:/var/run/docker.sock",
          "--entrypoint", "python3", gateway_image, "-c", IN_CONTAINER, json.dumps(args)],
         capture_output=True, text=True, timeout=300, env=docker_engine.env())
