@@ -11,13 +11,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from apitools import auth, make_app
 from harness.services import DockerEngine
 from reconciler_stack import Stack, make_stack
 
+from codehub import keys
 from codehub.hints import InProcessHintBus
 from codehub.interfaces import PermanentError, StorageProvider
 from codehub.model import DesiredState, Operation, Status
-from codehub.reconciler.reconciler import Policy
+from codehub.reconciler.controller import Controller
+from codehub.reconciler.reconciler import Policy, Result
 
 
 class FlakyProvision:
@@ -72,14 +75,17 @@ async def test_failure_is_recorded_and_retried_with_backoff_until_it_succeeds(
         stack: Stack) -> None:
     flaky = FlakyProvision(stack.storage, failures=2)
     stack.storage = flaky  # type: ignore[assignment]
-    stack.run_controller()
+    looked = reconciles(stack.run_controller())
     await stack.create("flaky", desired_state=DesiredState.WARM)
     ws = await until(lambda: _row_with(stack, "flaky", error_count=1))
     assert ws.operation is Operation.PROVISIONING  # kept: the retry resumes it
     assert "injected failure 1" in ws.error_message
     assert (ws.next_retry_at - stack.clock.now()).total_seconds() == pytest.approx(10, abs=1)
-    await asyncio.sleep(0.5)
-    assert flaky.calls == 1  # nothing happens before the backoff ran out
+    # Nothing happens before the backoff ran out: the reconciler is made to look at the
+    # row again (a hint) and seen to decline, 9 s into the 10 s backoff.
+    await stack.clock.advance(9)
+    await looked_again(stack, looked, "flaky")
+    assert flaky.calls == 1
     await stack.clock.advance(10)
     ws = await until(lambda: _row_with(stack, "flaky", error_count=2))
     assert (ws.next_retry_at - stack.clock.now()).total_seconds() == pytest.approx(20, abs=1)
@@ -93,15 +99,55 @@ async def test_max_failures_put_the_workspace_in_error_until_an_admin_acts(
         stack: Stack) -> None:
     flaky = FlakyProvision(stack.storage, failures=100)
     stack.storage = flaky  # type: ignore[assignment]
-    stack.run_controller()
+    looked = reconciles(stack.run_controller())
     await stack.create("doomed", desired_state=DesiredState.WARM)
     ws = await until(lambda: _stepping(stack, "doomed", status=Status.ERROR))
     assert ws.error_count == 4 and ws.error_from_status is Status.NEW
     assert ws.operation is Operation.PROVISIONING  # what failed stays recorded
     calls = flaky.calls
     await stack.clock.advance(3600)
-    await asyncio.sleep(0.5)
+    await looked_again(stack, looked, "doomed")  # the reconciler saw it, an hour later
     assert flaky.calls == calls  # no more retries
+
+
+async def test_backoff_doubles_up_to_its_cap(
+        database_url: str, s3_settings: dict[str, str], docker_engine: DockerEngine,
+        workspace_image: str, docker_prefix: str) -> None:
+    async with make_stack(database_url=database_url, hints=InProcessHintBus(),
+                          s3_settings=s3_settings, docker_url=docker_engine.url,
+                          image=workspace_image, prefix=docker_prefix,
+                          policy=Policy(max_failures=8, backoff_base=10, backoff_max=25,
+                                        stuck_timeout=60)) as stack:
+        flaky = FlakyProvision(stack.storage, failures=5)
+        stack.storage = flaky  # type: ignore[assignment]
+        stack.run_controller()
+        await stack.create("capped", desired_state=DesiredState.WARM)
+        delays = []
+        for failure in range(1, 6):
+            ws = await until(lambda n=failure: _row_with(stack, "capped", error_count=n))
+            delays.append(round((ws.next_retry_at - ws.error_at).total_seconds()))
+            await stack.clock.advance(25)
+        assert delays == [10, 20, 25, 25, 25]
+        ws = await stack.wait_status("capped", Status.WARM)
+        assert flaky.calls == 6 and ws.error_count == 0
+
+
+async def test_retry_through_the_api_resumes_the_failed_operation(
+        stack: Stack, database_url: str, aiohttp_client: Any) -> None:
+    flaky = FlakyProvision(stack.storage, failures=4)  # exactly max_failures
+    stack.storage = flaky  # type: ignore[assignment]
+    stack.run_controller()
+    await stack.create("again", desired_state=DesiredState.WARM)
+    ws = await until(lambda: _stepping(stack, "again", status=Status.ERROR))
+    assert ws.operation is Operation.PROVISIONING and flaky.calls == 4
+    app = await make_app(database_url)
+    app[keys.HINTS] = stack.hints  # the API's hints reach this reconciler
+    api = await aiohttp_client(app)
+    resp = await api.post("/api/v1/workspaces/again/retry", headers=auth())
+    assert resp.status == 202, await resp.text()
+    ws = await stack.wait_status("again", Status.WARM)
+    assert flaky.calls == 5  # the recorded PROVISIONING ran once more, and succeeded
+    assert ws.error_count == 0 and ws.error_message is None and ws.home_store_key
 
 
 async def test_non_retryable_failure_goes_to_error_at_once(stack: Stack) -> None:
@@ -135,6 +181,33 @@ async def test_stuck_operation_is_cancelled_and_retried_never_left_hanging(
     assert "no progress for 60s" in ws.error_message
     await stack.clock.advance(10)
     await until(lambda: _calls(never, 2))  # retried
+
+
+def reconciles(controller: Controller) -> list[tuple[str, float]]:
+    """Every reconcile() the controller's workers complete from now on: (id, the clock's
+    time when it started). A spy around the real reconciler; nothing is changed."""
+    seen: list[tuple[str, float]] = []
+    real = controller.reconciler.reconcile
+    clock = controller.reconciler.clock
+
+    async def spy(workspace_id: str) -> Result:
+        started = clock.monotonic()
+        result = await real(workspace_id)
+        seen.append((workspace_id, started))
+        return result
+
+    controller.reconciler.reconcile = spy  # type: ignore[method-assign]
+    return seen
+
+
+async def looked_again(stack: Stack, seen: list[tuple[str, float]], wid: str) -> None:
+    """Hint `wid` and wait until a reconcile of it that started at the clock's present time
+    has completed: whatever it decided, it had the chance to act."""
+    now = stack.clock.monotonic()
+    await stack.hints.publish(wid)
+    async with asyncio.timeout(20):
+        while not any(w == wid and t >= now for w, t in seen):
+            await asyncio.sleep(0.01)
 
 
 async def _row_with(stack: Stack, wid: str, **want: Any) -> Any:
