@@ -163,7 +163,7 @@ async def test_each_sweep_is_one_update_over_its_tiers_partial_index(
         await conn.execute("SET auto_explain.log_min_duration = 0")
         await conn.execute("SET auto_explain.log_level = NOTICE")  # sent to this client
         await conn.execute("SET enable_seqscan = off")  # a plan the index can satisfy
-        on_conn = Store(conn)  # type: ignore[arg-type]  # a Connection has the pool's API
+        on_conn = Store(conn)  # a Connection has the pool's API
         for sweep, index in ((on_conn.sweep_warm, "workspaces_running_idle"),
                              (on_conn.sweep_cold, "workspaces_warm_idle")):
             plans.clear()
