@@ -7,13 +7,43 @@ a FakeClock, so TTLs are crossed without sleeping.
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 from reconciler_stack import Stack
 
 from codehub.model import DesiredState, InstanceState, Operation, Status
 
 
+def sweeps_done(stack: Stack) -> list[datetime]:
+    """The `now` of every warm sweep the controller completes from now on (a spy around the
+    real Store.sweep_warm)."""
+    done: list[datetime] = []
+    real = stack.store.sweep_warm
+
+    async def spy(now: datetime, default_ttl_seconds: int) -> list[str]:
+        stepped = await real(now, default_ttl_seconds)
+        done.append(now)
+        return stepped
+
+    stack.store.sweep_warm = spy  # type: ignore[method-assign]
+    return done
+
+
+async def sweep_at_or_after(stack: Stack, done: list[datetime], when: datetime) -> None:
+    """Wait until a sweep that looked at the time `when` (or later) has completed, moving
+    the clock on by at most one sweep interval (plus a little) to get it to run."""
+    async with asyncio.timeout(30):
+        for _ in range(int(stack.schedule.ttl_sweep_interval) + 5):
+            for _ in range(20):
+                if any(t >= when for t in done):
+                    return
+                await asyncio.sleep(0.05)
+            await stack.clock.advance(1)
+    raise AssertionError(f"no sweep at or after {when}: {done[-3:]}")
+
+
 async def test_workspace_lives_through_every_tier_and_keeps_its_home(stack: Stack) -> None:
+    sweeps = sweeps_done(stack)
     stack.run_controller()
     await stack.create("alpha", warm_ttl_seconds=300, cold_ttl_seconds=900)
     ws = await stack.wait_status("alpha", Status.RUNNING)
@@ -25,6 +55,7 @@ async def test_workspace_lives_through_every_tier_and_keeps_its_home(stack: Stac
 
     # idle past warm_ttl (300 s): the TTL sweep (every 10 s) steps it down to WARM
     await stack.clock.advance(200)
+    await sweep_at_or_after(stack, sweeps, stack.clock.now())  # swept at 200+ s idle: kept
     assert (await stack.store.get("alpha")).desired_state is DesiredState.RUNNING  # type: ignore[union-attr]
     ws = await stack.wait_status("alpha", Status.WARM, step=lambda: stack.clock.advance(10))
     assert (await stack.instances.get_status("alpha")).state.value == "MISSING"
