@@ -377,8 +377,11 @@ async def test_patch_on_a_cold_workspace_still_takes_ttls_and_cold(client: Clien
     db = store_of(client)
     await _create(client, "w")
     await put_in(db, "w", status=Status.COLD, desired=DesiredState.COLD)
-    await call(client, "PATCH", f"{WS}/w", json={"cold_ttl_seconds": 600,
-                                                 "desired_state": "COLD"}, status=200)
+    body = await call(client, "PATCH", f"{WS}/w", json={"cold_ttl_seconds": 600,
+                                                        "desired_state": "COLD"}, status=200)
+    assert body["cold_ttl_seconds"] == 600
+    row = await db.get("w")
+    assert row is not None and row.cold_ttl_seconds == 600  # stored, not only echoed
 
 
 async def test_patch_of_a_restoring_workspace_may_choose_running(client: Client) -> None:
