@@ -33,11 +33,11 @@ class FlakyProvision:
         self.exc = exc
         self.calls = 0
 
-    async def provision(self, workspace_id: str) -> str:
+    async def provision(self, workspace_id: str, *args: Any, **kwargs: Any) -> str:
         self.calls += 1
         if self.calls <= self.failures:
             raise self.exc(f"injected failure {self.calls}")
-        return await self.real.provision(workspace_id)
+        return await self.real.provision(workspace_id, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
@@ -46,7 +46,7 @@ class FlakyProvision:
 class NeverProvision(FlakyProvision):
     """`provision` hangs forever without reporting progress."""
 
-    async def provision(self, workspace_id: str) -> str:
+    async def provision(self, workspace_id: str, *args: Any, **kwargs: Any) -> str:
         self.calls += 1
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
