@@ -69,7 +69,7 @@ from .openapi import (
     validate_path,
     validate_query,
 )
-from .store import AlreadyExists, Store
+from .store import SETTINGS, AlreadyExists, Store
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ _REGISTRY = rf"(?:{_LABEL}(?:\.{_LABEL})+(?::[0-9]{{1,5}})?|{_LABEL}:[0-9]{{1,5}
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = (rf"^(?:{_REGISTRY}/)?{_COMPONENT}(?:/{_COMPONENT})*"
                  r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
+HOME_MIN_MIB = 16  # the smallest home file system (codehub.storage.disks)
 TTL_MIN = 30  # seconds; well above the gateway's activity flush interval
 TTL_MAX = 10 * 365 * 86400
 LINK_TTL_MIN = 10
@@ -120,6 +121,10 @@ SCHEMAS: dict[str, Any] = {
                              "description": "Effective idle seconds before RUNNING -> WARM."},
         "cold_ttl_seconds": {"type": "integer", "minimum": 1,
                              "description": "Effective idle seconds before WARM -> COLD."},
+        "home_size_limit_mib": {"type": "integer", "minimum": 0,
+                                "description": "Effective size of the home in MiB (0: no "
+                                "limit); a change applies to the next home made (provision "
+                                "or restore)."},
         "archive": _object({"key": {"type": "string"},
                             "size": {"type": ["integer", "null"], "minimum": 0},
                             "sha256": {"type": ["string", "null"]},
@@ -192,6 +197,8 @@ def workspace_json(ws: Workspace, cfg: Config) -> dict[str, Any]:
                              else ws.warm_ttl_seconds),
         "cold_ttl_seconds": (cfg.reconciler.default_cold_ttl if ws.cold_ttl_seconds is None
                              else ws.cold_ttl_seconds),
+        "home_size_limit_mib": (cfg.docker.home_size_limit_mib if ws.home_size_limit_mib is None
+                                else ws.home_size_limit_mib),
         "archive": archive, "error": error, "progress": progress,
         "created_at": _iso(ws.created_at), "updated_at": _iso(ws.updated_at),
     }
@@ -366,7 +373,8 @@ async def create_workspace(request: web.Request, args: Args) -> web.Response:
                 image_ref=body.get("image") or cfg.docker.workspace_image,
                 desired_state=DesiredState(body.get("desired_state", "RUNNING")),
                 warm_ttl_seconds=body.get("warm_ttl_seconds"),
-                cold_ttl_seconds=body.get("cold_ttl_seconds"))
+                cold_ttl_seconds=body.get("cold_ttl_seconds"),
+                home_size_limit_mib=body.get("home_size_limit_mib"))
             break
         except AlreadyExists:
             continue
@@ -403,7 +411,7 @@ async def patch_workspace(request: web.Request, args: Args) -> web.Response:
     body = args.body
     desired = DesiredState(body["desired_state"]) if "desired_state" in body else None
     ttls: dict[str, int | None] = {
-        k: body[k] for k in ("warm_ttl_seconds", "cold_ttl_seconds") if k in body}
+        k: body[k] for k in SETTINGS if k in body}
     before, after = await _update(request, args.path["id"],
                                   lambda ws: check_patch(ws, desired), desired, ttls)
     moved = after.desired_state is not before.desired_state
@@ -482,6 +490,11 @@ _WARM_TTL = Field("warm_ttl_seconds", _TTL,
                   "Idle seconds before RUNNING steps down to WARM; null: the global default.")
 _COLD_TTL = Field("cold_ttl_seconds", _TTL,
                   "Idle seconds before WARM steps down to COLD; null: the global default.")
+_HOME_SIZE = Field("home_size_limit_mib",
+                   {"type": ["integer", "null"], "minimum": HOME_MIN_MIB, "maximum": 1 << 30},
+                   "Size of the home in MiB (its own file system); null: the global "
+                   "docker.home_size_limit_mib. Applies to the next home made: the first "
+                   "provision, or the next restore.")
 
 
 def _route(method: str, path: str, name: str, summary: str, handler: Any,
@@ -521,7 +534,7 @@ ROUTES: tuple[Route, ...] = (
                      "Image reference; default docker.workspace_image."),
                Field("desired_state", {"type": "string", "enum": ["RUNNING", "WARM"],
                                        "default": "RUNNING"}, _DESIRED_DOC),
-               _WARM_TTL, _COLD_TTL), "The new workspace.")),
+               _WARM_TTL, _COLD_TTL, _HOME_SIZE), "The new workspace.")),
     _route("GET", "/workspaces", "listWorkspaces", "List workspaces (by id, paged)",
            list_workspaces,
            [Reply(200, "A page of workspaces ordered by id.", "WorkspacePage")],
@@ -548,7 +561,8 @@ ROUTES: tuple[Route, ...] = (
            body=Body((
                Field("desired_state", {"type": "string", "enum": ["RUNNING", "WARM", "COLD"]},
                      _DESIRED_DOC + " RUNNING/WARM of a COLD workspace: use restore."),
-               _WARM_TTL, _COLD_TTL), "What to change (at least one field).", min_fields=1)),
+               _WARM_TTL, _COLD_TTL, _HOME_SIZE), "What to change (at least one field).",
+               min_fields=1)),
     _route("DELETE", "/workspaces/{id}", "deleteWorkspace", "Delete a workspace",
            delete_workspace,
            [Reply(202, "desired_state is DELETED; the reconciler purges it, then the row "

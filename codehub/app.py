@@ -134,12 +134,12 @@ async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
     helper_image = cfg.archive.helper_image or dc.workspace_image
     disks = HomeDisks(docker, helper_image=helper_image,
                       layout=DiskLayout(dc.home_image_dir, dc.home_mount_dir),
-                      local=gateway_container is None) if dc.home_size_limit_mib else None
+                      local=gateway_container is None)
     storage = DockerVolumeStorage(
         docker=docker, objects=app[keys.OBJECTS], helper_image=helper_image,
         compression_level=cfg.archive.compression_level,
         volume_prefix=dc.volume_prefix, home_owner=home_owner(dc.home_owner),
-        home_size_limit=dc.home_size_limit_mib << 20, disks=disks,
+        home_size_limit=(dc.home_size_limit_mib << 20) or None, disks=disks,
         restore_network=BridgeNetwork(
             docker, f"{dc.network}-restore", gateway_container, firewall=firewall,
             host_tcp=True,

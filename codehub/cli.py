@@ -57,6 +57,8 @@ def _workspace_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add.add_argument("--desired", choices=["RUNNING", "WARM"])
     add.add_argument("--warm-ttl", type=client.duration, help="idle time before WARM (15m)")
     add.add_argument("--cold-ttl", type=client.duration, help="idle time before COLD (7d)")
+    add.add_argument("--home-size", type=client.home_size,
+                     help="size of the home (512M, 10G; default: docker.home_size_limit_mib)")
     lst = act.add_parser("list", parents=[common], help="list workspaces")
     lst.add_argument("--status")
     lst.add_argument("--owner")
@@ -70,6 +72,9 @@ def _workspace_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     for opt in ("--warm-ttl", "--cold-ttl"):
         upd.add_argument(opt, type=client.ttl, default=argparse.SUPPRESS,
                          help="a duration (90, 15m, 2h, 7d) or 'default'")
+    upd.add_argument("--home-size", type=client.home_size, default=argparse.SUPPRESS,
+                     help="512M, 10G or 'default'; applies to the next home made (provision "
+                     "or restore)")
     res = act.add_parser("restore", parents=[common], help="restore a COLD workspace")
     res.add_argument("id")
     res.add_argument("--start", action="store_true", help="continue to RUNNING")

@@ -164,6 +164,16 @@ def ttl(text: str) -> int | None:
     return None if text == "default" else duration(text)
 
 
+def home_size(text: str) -> int | None:
+    """A home size in MiB (`512`, `512M`, `10G`), or `default` (None)."""
+    if text == "default":
+        return None
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].isalpha() else (text, "M")
+    if not number.isdigit() or unit not in ("M", "G"):
+        raise ValueError(f"not a size: {text!r} (512, 512M, 10G or default)")
+    return int(number) * (1024 if unit == "G" else 1)
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "?"
@@ -194,6 +204,9 @@ def describe(ws: Mapping[str, Any]) -> str:
     lines += [("last access", ws["last_access_at"]),
               ("warm ttl", _seconds(ws["warm_ttl_seconds"])),
               ("cold ttl", _seconds(ws["cold_ttl_seconds"]))]
+    if "home_size_limit_mib" in ws:
+        limit = ws["home_size_limit_mib"]
+        lines.append(("home size", _size(limit << 20) if limit else "no limit"))
     if ws.get("archive"):
         a = ws["archive"]
         lines.append(("archive", f"{a['key']} ({_size(a['size'])}, sha256 "
@@ -266,15 +279,19 @@ def _set(client: Client, args: argparse.Namespace) -> Any:
     for name in ("warm_ttl", "cold_ttl"):
         if hasattr(args, name):  # left out: argparse.SUPPRESS leaves no attribute
             fields[f"{name}_seconds"] = getattr(args, name)
+    if hasattr(args, "home_size"):
+        fields["home_size_limit_mib"] = args.home_size
     if not fields:
-        raise UsageError("nothing to set: give --desired, --warm-ttl or --cold-ttl")
+        raise UsageError("nothing to set: give --desired, --warm-ttl, --cold-ttl or "
+                         "--home-size")
     return client.update(args.id, **fields)
 
 
 _ACTIONS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
     "create": lambda c, a: c.create(
         id=a.id, owner=a.owner, image=a.image, desired_state=a.desired,
-        warm_ttl_seconds=a.warm_ttl, cold_ttl_seconds=a.cold_ttl),
+        warm_ttl_seconds=a.warm_ttl, cold_ttl_seconds=a.cold_ttl,
+        home_size_limit_mib=a.home_size),
     "list": _list,
     "show": lambda c, a: c.get(a.id),
     "set": _set,

@@ -178,7 +178,9 @@ class DockerConfig:
         10240, "Size of each home in MiB: its own ext4 file system in a sparse image file, "
         "loop-mounted nosuid,nodev (writing past it fails with ENOSPC inside the "
         "workspace; a restore whose files add up to more ends in ERROR, the archive kept). "
-        "0: plain Docker volumes without a limit.", lo=0, hi=1 << 30)
+        "0: plain Docker volumes without a limit. Per workspace: the API's "
+        "home_size_limit_mib.", lo=0, hi=1 << 30,
+        check=lambda v: None if v == 0 or v >= 16 else "must be 0 or at least 16")
     home_image_dir: str = setting(
         "/var/lib/codehub/homes", "Directory on the Docker host for the homes' image files.",
         check=lambda v: None if v.startswith("/") else "must be an absolute path")

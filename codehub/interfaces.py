@@ -110,8 +110,9 @@ class StorageProvider(ABC):
     """Owns the home of a workspace: a volume (WARM/RUNNING) or an archive (COLD)."""
 
     @abstractmethod
-    async def provision(self, workspace_id: str) -> str:
-        """Ensure an empty home volume exists; return its key (volume name)."""
+    async def provision(self, workspace_id: str, size_limit: int | None = None) -> str:
+        """Ensure an empty home volume exists; return its key (volume name). `size_limit`
+        (bytes): the home's size when it is made now; None: the provider's default."""
 
     @abstractmethod
     async def get_volume_status(self, workspace_id: str, home_store_key: str) -> VolumeState:
@@ -134,10 +135,12 @@ class StorageProvider(ABC):
         archive_key: str,
         expected_sha256: str,
         progress: ProgressCallback | None = None,
+        size_limit: int | None = None,
     ) -> str:
         """Stream the archive into a NEW volume, verifying its checksum as it flows;
         return the new volume's key. On any failure the new volume is removed and the
-        archive is left as it was."""
+        archive is left as it was. `size_limit` (bytes) as for `provision`; an archive
+        whose files add up to more fails with a PermanentError."""
 
     @abstractmethod
     async def purge(self, home_store_key: str | None, archive_key: str | None) -> None:

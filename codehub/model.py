@@ -202,6 +202,7 @@ class Workspace:
     observed_generation: int
     created_at: datetime
     updated_at: datetime
+    home_size_limit_mib: int | None = None  # None: the global default
 
     def next_step(self, observed: Observed = NOT_OBSERVED) -> Step:
         return decide(self.desired_state, self.status, self.operation, observed)

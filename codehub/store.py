@@ -117,6 +117,10 @@ def _row(rec: Mapping[str, Any]) -> Workspace:
     })
 
 
+# Per-workspace settings that fall back to a global default when NULL.
+SETTINGS = ("warm_ttl_seconds", "cold_ttl_seconds", "home_size_limit_mib")
+
+
 class AlreadyExists(Exception):
     """A workspace with this id exists."""
 
@@ -131,16 +135,16 @@ class Store:
         self, *, id: str, owner: str, image_ref: str,
         desired_state: DesiredState = DesiredState.RUNNING,
         warm_ttl_seconds: int | None = None, cold_ttl_seconds: int | None = None,
-        now: datetime | None = None,
+        now: datetime | None = None, home_size_limit_mib: int | None = None,
     ) -> Workspace:
         try:
             rec = await self.pool.fetchrow(
                 "INSERT INTO workspaces (id, owner, image_ref, desired_state, warm_ttl_seconds,"
-                " cold_ttl_seconds, last_access_at, created_at, updated_at)"
+                " cold_ttl_seconds, last_access_at, created_at, updated_at, home_size_limit_mib)"
                 " VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), coalesce($7, now()),"
-                " coalesce($7, now()))" + _RETURNING,
+                " coalesce($7, now()), $8)" + _RETURNING,
                 id, owner, image_ref, desired_state.value, warm_ttl_seconds, cold_ttl_seconds,
-                now)
+                now, home_size_limit_mib)
         except asyncpg.UniqueViolationError:
             raise AlreadyExists(id) from None
         assert rec is not None
@@ -278,14 +282,15 @@ class Store:
         """Change desired_state and/or TTLs (generation bumped) only if the row still has
         the desired state, status and operation the caller validated the change against.
 
-        `ttls` maps `warm_ttl_seconds` / `cold_ttl_seconds` to a value (None = global
-        default); a TTL left out keeps its value. `touch` also marks the workspace active
+        `ttls` maps `warm_ttl_seconds` / `cold_ttl_seconds` / `home_size_limit_mib` (the
+        per-workspace settings) to a value (None = global default); one left out keeps its
+        value. `touch` also marks the workspace active
         now (its idle time restarts; never moved backwards). Returns None when the row
         moved on."""
         ttls = dict(ttls or {})
-        bad = set(ttls) - {"warm_ttl_seconds", "cold_ttl_seconds"}
+        bad = set(ttls) - set(SETTINGS)
         if bad:
-            raise ValueError(f"not a TTL column: {sorted(bad)}")
+            raise ValueError(f"not a per-workspace setting: {sorted(bad)}")
         args: list[Any] = [workspace_id, expect_desired.value, expect_status.value,
                            expect_operation.value]
         sets = []

@@ -220,3 +220,13 @@ async def test_the_helper_path_makes_mounts_and_removes_a_home_in_the_hosts_name
         await disks.ensure_mounted(volume)
     left = await docker.containers.list(all=True)
     assert not [c for c in left if any(volume in n for n in c["Names"])]
+
+
+async def test_a_workspaces_own_size_makes_its_home_that_size(
+        storage: DockerVolumeStorage, layout: DiskLayout, docker_prefix: str) -> None:
+    volume = await storage.provision("own", size_limit=32 * MiB)
+    image = Path(layout.image_dir) / f"{volume}.img"
+    assert (await asyncio.to_thread(os.stat, image)).st_size == 32 * MiB
+    default = await storage.provision("dflt")
+    image = Path(layout.image_dir) / f"{default}.img"
+    assert (await asyncio.to_thread(os.stat, image)).st_size == LIMIT

@@ -280,7 +280,7 @@ class Reconciler:
             raise RuntimeError(f"workspace {row.id} changed while {row.operation} ran")
 
     async def _provision(self, row: Workspace, progress: _Report) -> None:
-        key = await self.storage.provision(row.id)
+        key = await self.storage.provision(row.id, _size_limit(row))
         await self._finish(row, Status.WARM, home_store_key=key)
 
     async def _start(self, row: Workspace, progress: _Report) -> None:
@@ -320,7 +320,7 @@ class Reconciler:
         if not row.archive_key or not row.archive_sha256:
             raise RuntimeError("no archive recorded; nothing to restore")
         key = await self.storage.restore(row.id, row.archive_key, row.archive_sha256,
-                                         progress)
+                                         progress, size_limit=_size_limit(row))
         metrics.BYTES_RESTORED.inc(row.archive_size or 0)
         failpoint("reconcile.restore.returned")
         await self._finish(row, Status.WARM, home_store_key=key)
@@ -338,3 +338,8 @@ class Reconciler:
         await self._finish(row, Status.DELETED, home_store_key=None, archive_key=None,
                            archive_size=None, archive_sha256=None, archive_created_at=None)
         await self.store.delete_row(row.id, expect_status=Status.DELETED)
+
+
+def _size_limit(row: Workspace) -> int | None:
+    """The workspace's own home size in bytes; None: the storage's default."""
+    return None if row.home_size_limit_mib is None else row.home_size_limit_mib << 20

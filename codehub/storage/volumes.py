@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import inspect
 import json
@@ -102,6 +103,8 @@ from .feed import FeedConnection, FeedListener, ListenError
 from .tarfilter import TarFilter
 
 log = logging.getLogger(__name__)
+_RESTORE_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "codehub_restore_size_limit", default=None)
 
 isal_zlib: Any
 try:
@@ -324,7 +327,7 @@ class DockerVolumeStorage(StorageProvider):
         self._restore_network = restore_network
         self._owner = home_owner
         self._size_limit = home_size_limit or None
-        self._disks = disks if self._size_limit else None
+        self._disks = disks
 
     # --- names -------------------------------------------------------------------------
 
@@ -345,11 +348,12 @@ class DockerVolumeStorage(StorageProvider):
 
     # --- StorageProvider ---------------------------------------------------------------
 
-    async def provision(self, workspace_id: str) -> str:
+    async def provision(self, workspace_id: str, size_limit: int | None = None) -> str:
         name = self.volume_name(workspace_id)
         info = await self._inspect_volume(name)
         if info is None:
-            info = await self._create_volume(name, workspace_id, {})
+            info = await self._create_volume(name, workspace_id, {},
+                                             size_limit or self._size_limit)
         self._require_ours(info, workspace_id)
         return name
 
@@ -360,7 +364,7 @@ class DockerVolumeStorage(StorageProvider):
         if info is not None and (info.get("Labels") or {}).get(LABEL_HOME_DISK):
             if self._disks is None:
                 raise PermanentError(f"volume {home_store_key} is a size-limited home but "
-                                     "docker.home_size_limit_mib is 0 here")
+                                     "this storage has no HomeDisks to mount it")
             await self._disks.ensure_mounted(home_store_key)
 
     async def get_volume_status(self, workspace_id: str, home_store_key: str) -> VolumeState:
@@ -456,8 +460,12 @@ class DockerVolumeStorage(StorageProvider):
         archive_key: str,
         expected_sha256: str,
         progress: ProgressCallback | None = None,
+        size_limit: int | None = None,
     ) -> str:
         check_workspace_id(workspace_id)
+        # The limit of this restore travels with its task (and the tasks it makes), so
+        # concurrent restores never see each other's.
+        _RESTORE_LIMIT.set(size_limit or self._size_limit)
         expected = expected_sha256.lower()
         if not _SHA256.match(expected):
             raise PermanentError(f"invalid sha256 {expected_sha256!r}")
@@ -473,7 +481,8 @@ class DockerVolumeStorage(StorageProvider):
         report = _Reporter(progress)
         await self._discard_volume(volume, workspace_id)
         try:
-            await self._create_volume(volume, workspace_id, {LABEL_RESTORED_FROM: expected})
+            await self._create_volume(volume, workspace_id, {LABEL_RESTORED_FROM: expected},
+                                      _RESTORE_LIMIT.get())
             if self._restore_network is None:
                 helper = await self._create_helper(volume, workspace_id, "restorer",
                                                    read_only=False)
@@ -685,7 +694,7 @@ class DockerVolumeStorage(StorageProvider):
         it sets `feed.error` (the consumer stops) and raises."""
         inflater = _Inflater(self._chunk_size, f"archive {key} (expected sha256 {expected})")
         sanitiser = TarFilter(uid=self._owner[0], gid=self._owner[1], top=_TOP.encode(),
-                              size_limit=self._size_limit)
+                              size_limit=_RESTORE_LIMIT.get())
         held = b""
         stream = self._objects.get_stream(key)
         try:
@@ -773,14 +782,14 @@ class DockerVolumeStorage(StorageProvider):
             raise AdapterError(f"inspecting volume {name}: {exc!r}") from exc
         return info
 
-    async def _create_volume(self, name: str, workspace_id: str,
-                             extra: dict[str, str]) -> dict[str, Any]:
+    async def _create_volume(self, name: str, workspace_id: str, extra: dict[str, str],
+                             size_limit: int | None) -> dict[str, Any]:
         labels = {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID: workspace_id,
                   LABEL_ROLE: ROLE_HOME, **extra}
         spec: dict[str, Any] = {"Name": name, "Driver": "local", "Labels": labels}
-        if self._disks is not None and self._size_limit:
+        if self._disks is not None and size_limit:
             # The file system first: a crash before the volume exists is redone by a re-run.
-            await self._disks.create(name, self._size_limit, self._owner)
+            await self._disks.create(name, size_limit, self._owner)
             spec["DriverOpts"] = self._disks.volume_options(name)
             labels[LABEL_HOME_DISK] = "ext4"
         with _docker_errors(f"creating volume {name}"):
