@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiodocker
 import pytest
+from isolation_support import exec_in
 from storage_support import put_tar
 
 from codehub.interfaces import PermanentError
@@ -69,12 +70,7 @@ async def controller(docker: aiodocker.Docker, docker_prefix: str,
 
 async def sh(docker: aiodocker.Docker, container: str, script: str, user: str = ""
              ) -> tuple[int, str]:
-    run = await docker.containers.container(container).exec(["sh", "-c", script], user=user)
-    out = b""
-    async with run.start(detach=False) as stream:
-        while (msg := await stream.read_out()) is not None:
-            out += msg.data
-    return int((await run.inspect())["ExitCode"]), out.decode(errors="replace")
+    return await exec_in(docker, container, ["sh", "-c", script], user=user)
 
 
 async def test_a_home_is_its_own_file_system_and_writing_past_its_size_fails_with_enospc(

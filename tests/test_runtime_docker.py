@@ -13,6 +13,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 import pytest
+from isolation_support import exec_in
 
 from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
 from codehub.interfaces import AdapterError, InstanceStatus, PermanentError
@@ -62,16 +63,6 @@ async def volume(docker: aiodocker.Docker, docker_prefix: str) -> str:
 async def inspect(docker: aiodocker.Docker, name: str) -> dict[str, Any]:
     container = await docker.containers.get(name)
     return container._container
-
-
-async def exec_in(docker: aiodocker.Docker, container: str, argv: list[str],
-                  user: str = "") -> tuple[int, str]:
-    run = await docker.containers.container(container).exec(argv, user=user)
-    out = b""
-    async with run.start(detach=False) as stream:
-        while (msg := await stream.read_out()) is not None:
-            out += msg.data
-    return int((await run.inspect())["ExitCode"]), out.decode(errors="replace")
 
 
 async def http_get(host: str, port: int, path: str) -> tuple[int, str]:

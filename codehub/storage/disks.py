@@ -161,7 +161,7 @@ class HomeDisks:
                 "SecurityOpt": ["seccomp=unconfined", "apparmor=unconfined"],
             },
         }
-        async with self._lock:  # one helper per name at a time
+        async with self._lock:  # one helper at a time (they are named after the volume)
             try:
                 await ensure_image(self._docker, self._helper_image)
                 try:
