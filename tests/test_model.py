@@ -48,8 +48,24 @@ def test_decide_is_total_and_consistent(desired: DesiredState, status: Status,
         assert step is not Step.FAIL  # only observed drift can fail a workspace
 
 
-def test_every_combination_is_covered() -> None:
-    assert len(ALL) == len(DesiredState) * len(Status) * len(Operation) == 4 * 6 * 7
+OBSERVATIONS = [Observed(instance=i, volume=v)
+                for i in (None, *InstanceState) for v in (None, *VolumeState)]
+
+
+@pytest.mark.parametrize(("desired", "status", "operation"), ALL)
+def test_decide_is_total_and_only_a_settled_warm_or_running_row_heeds_the_runtime(
+        desired: DesiredState, status: Status, operation: Operation) -> None:
+    """Whatever the runtime is seen to be, decide() answers; and what it sees changes the
+    answer only for a WARM or RUNNING row with no operation recorded that is not being
+    deleted: a recorded operation is resumed, a deletion deletes, ERROR waits, and NEW and
+    COLD (which have no runtime) move on, whatever is observed."""
+    unobserved = decide(desired, status, operation)
+    steps = {o: decide(desired, status, operation, o) for o in OBSERVATIONS}
+    assert all(isinstance(step, Step) for step in steps.values())
+    settled = (operation is Operation.NONE and desired is not DesiredState.DELETED
+               and status in (Status.WARM, Status.RUNNING))
+    if not settled:
+        assert set(steps.values()) == {unobserved}, steps
 
 
 @pytest.mark.parametrize("desired", [d for d in DesiredState if d is not DesiredState.DELETED])
