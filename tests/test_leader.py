@@ -65,9 +65,15 @@ async def test_standby_takes_over_when_the_leader_stops(database_url: str) -> No
     await asyncio.gather(ta, return_exceptions=True)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    await wait_for(lambda: eb.is_leader, timeout=5)
-    assert loop.time() - t0 < 5
-    assert a.cancelled == 1 and b.running == 1
+    # Woken by the election itself; the bound only keeps a broken failover from hanging
+    # the suite (the promise is about check_interval plus connection time: the figure is
+    # printed, a benchmark's business, not a loaded CI machine's).
+    async with asyncio.timeout(60):
+        await eb.elected.wait()
+    print(f"failover took {loop.time() - t0:.3f} s (check_interval 0.2 s)")
+    assert eb.is_leader and eb.terms == 1
+    await wait_for(lambda: b.running == 1)  # its lead() starts right after the election
+    assert a.cancelled == 1
     tb.cancel()
     await asyncio.gather(tb, return_exceptions=True)
 
