@@ -619,15 +619,33 @@ async def test_unknown_paths_and_methods_under_the_prefix_get_json_errors(
 
 async def test_api_handlers_never_touch_docker_or_object_storage(
         database_url: str, aiohttp_client: Any) -> None:
-    """The app has neither a Docker client nor an object store, and every endpoint works."""
+    """The app holds a Docker client, an object store, the instance controller and the
+    storage provider, as app.py wires them in; no endpoint uses any of them."""
     app = await make_app(database_url, make_config(
         reconciler=ReconcilerConfig(default_warm_ttl=100)))
-    assert keys.DOCKER not in app and keys.OBJECTS not in app
+    touched: list[str] = []
+
+    class Tripwire:
+        """Stands in for one of them: records any use (and fails that request)."""
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            touched.append(f"{self.name}.{attr}")
+            raise AssertionError(f"an API handler used {self.name}.{attr}")
+
+    for name, key in (("docker", keys.DOCKER), ("objects", keys.OBJECTS),
+                      ("instances", keys.INSTANCES), ("storage", keys.STORAGE)):
+        app[key] = Tripwire(name)  # type: ignore[assignment]
     client: Client = await aiohttp_client(app)
     await call(client, "POST", WS, json={"id": "w", "owner": "o"}, status=201)
+    await call(client, "GET", WS, status=200)
+    await call(client, "GET", f"{WS}/w", status=200)
     await call(client, "PATCH", f"{WS}/w", json={"desired_state": "COLD"}, status=202)
     await call(client, "POST", f"{WS}/w/access-links", status=201)
     await call(client, "DELETE", f"{WS}/w", status=202)
+    assert touched == []
 
 
 async def test_asking_for_a_higher_tier_restarts_the_idle_time(client: Client) -> None:
