@@ -47,6 +47,7 @@ from tools import ensure_tools  # noqa: E402
 
 CHP_DIR = ROOT / "build" / "chp"
 SIGNING_KEY = "bench-signing-key"
+BENCH_NONCE = "0123456789abcdef0123456789abcdef"
 BIG = 1024 * 1024
 SMALL_BODY = b"x" * 100
 TICK = os.sysconf("SC_CLK_TCK")
@@ -238,7 +239,7 @@ def serve_codehub(port: int, routes: dict[str, int]) -> None:
         values.update(id=wid, owner="bench", image_ref="bench", status=Status.RUNNING,
                       desired_state=DesiredState.RUNNING, operation=Operation.NONE,
                       last_access_at=now, created_at=now, updated_at=now, error_count=0,
-                      generation=1, observed_generation=1)
+                      generation=1, observed_generation=1, access_nonce=BENCH_NONCE)
         return Workspace(**values)  # type: ignore[arg-type]
 
     class StubStore:  # the two calls a cached route and the flusher make
@@ -493,8 +494,10 @@ def main() -> None:
     from codehub.gateway import auth
 
     keys = auth.SigningKeys((SIGNING_KEY.encode(),))
-    cookie = f"{auth.COOKIE_NAME}=" + auth.mint_cookie(keys, "bench-http", 86400, time.time())
-    ws_cookie = f"{auth.COOKIE_NAME}=" + auth.mint_cookie(keys, "bench-ws", 86400, time.time())
+    cookie = f"{auth.COOKIE_NAME}=" + auth.mint_cookie(keys, "bench-http", BENCH_NONCE, 86400,
+                                                       time.time())
+    ws_cookie = f"{auth.COOKIE_NAME}=" + auth.mint_cookie(keys, "bench-ws", BENCH_NONCE, 86400,
+                                                          time.time())
     raise_nofile(65536)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and args.idle > (hard - 300) // 2:

@@ -64,7 +64,8 @@ def _workspace_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lst.add_argument("--owner")
     lst.add_argument("--limit", type=int, help="print at most this many")
     for name, text in (("show", "show one workspace"), ("delete", "delete a workspace"),
-                       ("retry", "return a workspace in ERROR to where it failed")):
+                       ("retry", "return a workspace in ERROR to where it failed"),
+                       ("revoke", "invalidate every access link and cookie of a workspace")):
         act.add_parser(name, parents=[common], help=text).add_argument("id")
     upd = act.add_parser("set", parents=[common], help="change desired state and/or TTLs")
     upd.add_argument("id")

@@ -110,6 +110,9 @@ class Client:
     def retry(self, workspace_id: str) -> Any:
         return self.request("POST", f"/workspaces/{_quote(workspace_id)}/retry")
 
+    def revoke_access(self, workspace_id: str) -> Any:
+        return self.request("POST", f"/workspaces/{_quote(workspace_id)}/revoke-access")
+
     def access_link(self, workspace_id: str, *, ttl_seconds: int | None = None) -> Any:
         return self.request("POST", f"/workspaces/{_quote(workspace_id)}/access-links",
                             _present({"ttl_seconds": ttl_seconds}))
@@ -298,6 +301,7 @@ _ACTIONS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
     "delete": lambda c, a: c.delete(a.id),
     "restore": lambda c, a: c.restore(a.id, start=a.start),
     "retry": lambda c, a: c.retry(a.id),
+    "revoke": lambda c, a: c.revoke_access(a.id),
     "link": lambda c, a: c.access_link(a.id, ttl_seconds=a.ttl),
 }
 

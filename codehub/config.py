@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -64,6 +65,29 @@ def home_owner(value: str) -> tuple[int, int]:
     parsed = _uid_gid(value)
     assert parsed is not None
     return parsed
+
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_WORKSPACE_HOST = re.compile(rf"\{{id\}}((?:\.{_LABEL})+)(:[0-9]{{1,5}})?")
+
+
+def _workspace_host(value: str) -> str | None:
+    if not value:
+        return None
+    m = _WORKSPACE_HOST.fullmatch(value)
+    if m is None or (m.group(2) and not 0 < int(m.group(2)[1:]) < 65536):
+        return ("expected {id} followed by a lower-case domain and an optional port, "
+                f"e.g. {{id}}.ws.example.com or {{id}}.ws.localhost:8000; got {value!r}")
+    return None
+
+
+def _ip_networks(value: list[str]) -> str | None:
+    for cidr in value:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as exc:
+            return f"{cidr!r} is not an IP network: {exc}"
+    return None
 
 
 def _ipv4_networks(value: list[str]) -> str | None:
@@ -271,6 +295,17 @@ class GatewayConfig:
     events_poll_interval: float = setting(
         1.0, "Seconds between database reads by an open loading page's event stream, besides "
         "hints (progress is not hinted; a hint may be lost).", lo=0.1, hi=60)
+    workspace_host: str = setting(
+        "", "Serve each workspace at an origin of its own: a host name with {id}, e.g. "
+        "{id}.ws.example.com (a wildcard DNS name and certificate), with the scheme of "
+        "server.public_url (required). Empty: path mode, every workspace under /w/{id}/ on "
+        "one origin, where a page one workspace serves can reach the others through the "
+        "browser (single user, development).", check=_workspace_host)
+    trusted_proxies: list[str] = setting(
+        [], "Peers (IP networks, e.g. 10.0.0.0/8) whose X-Forwarded-For/-Host/-Proto/-Prefix, "
+        "Forwarded and X-Real-IP are passed on to workspaces. From any other peer the "
+        "gateway sets X-Forwarded-* from what it saw and removes Forwarded and X-Real-IP.",
+        check=_ip_networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +479,10 @@ def load(path: str | os.PathLike[str] | None = None,
     cfg: Config = _build(Config, "", table, env, ENV_PREFIX)
     if cfg.database.pool_min > cfg.database.pool_max:
         raise ConfigError("database.pool_min: must be <= database.pool_max")
+    if cfg.gateway.workspace_host and not cfg.server.public_url.startswith(
+            ("http://", "https://")):
+        raise ConfigError("gateway.workspace_host: needs server.public_url (http:// or "
+                          "https://), whose scheme the workspace origins use")
     if cfg.reconciler.backoff_base > cfg.reconciler.backoff_max:
         raise ConfigError("reconciler.backoff_base: must be <= reconciler.backoff_max")
     return cfg

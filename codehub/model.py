@@ -203,6 +203,9 @@ class Workspace:
     created_at: datetime
     updated_at: datetime
     home_size_limit_mib: int | None = None  # None: the global default
+    # Part of every access link and cookie of this workspace (gateway/auth.py): made with
+    # the row, replaced by revoke-access.
+    access_nonce: str = ""
 
     def next_step(self, observed: Observed = NOT_OBSERVED) -> Step:
         return decide(self.desired_state, self.status, self.operation, observed)

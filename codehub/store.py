@@ -267,6 +267,25 @@ class Store:
             " OR status IS DISTINCT FROM desired_state OR status = 'RUNNING'")
         return [r["id"] for r in recs]
 
+    async def revoke_access(self, workspace_id: str) -> Workspace | None:
+        """Give the workspace a new access_nonce: every link and cookie made before stops
+        working (once the gateways have the new row: one hint). None: no such row."""
+        rec = await self.pool.fetchrow(
+            "UPDATE workspaces SET access_nonce = replace(gen_random_uuid()::text, '-', ''),"
+            " updated_at = now() WHERE id = $1" + _RETURNING, workspace_id)
+        return None if rec is None else _row(rec)
+
+    async def use_link(self, link_id: str, workspace_id: str, expires_at: datetime) -> bool:
+        """Record that an access link was exchanged; False when it already had been. Rows
+        of links past their expiry (by an hour: replicas' clocks differ) are removed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM used_links WHERE expires_at < now() - interval "
+                               "'1 hour'")
+            return await conn.fetchval(
+                "INSERT INTO used_links (link_id, workspace_id, expires_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (link_id) DO NOTHING RETURNING true",
+                link_id, workspace_id, expires_at) is True
+
     async def all_ids(self) -> set[str]:
         return {r["id"] for r in await self.pool.fetch("SELECT id FROM workspaces")}
 

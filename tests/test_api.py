@@ -548,13 +548,13 @@ async def test_access_link_is_signed_for_that_workspace_and_expires(client: Clie
     assert url.path == "/w/w/" and url.netloc == f"{client.host}:{client.port}"
     token = parse_qs(url.query)["access"][0]
     keys_ = gateway_auth.SigningKeys((SIGNING_KEY.encode(),))
-    assert gateway_auth.verify_access_link(keys_, "w", token, time.time()) is \
+    assert gateway_auth.verify_access_link(keys_, "w", token, time.time()).verdict is \
         gateway_auth.Verdict.OK
-    assert gateway_auth.verify_access_link(keys_, "other", token, time.time()) is \
+    assert gateway_auth.verify_access_link(keys_, "other", token, time.time()).verdict is \
         gateway_auth.Verdict.INVALID
     expires = datetime.fromisoformat(body["expires_at"]).timestamp()
     assert before + 119 <= expires <= time.time() + 121
-    assert gateway_auth.verify_access_link(keys_, "w", token, expires + 1) is \
+    assert gateway_auth.verify_access_link(keys_, "w", token, expires + 1).verdict is \
         gateway_auth.Verdict.EXPIRED
 
 

@@ -2,8 +2,13 @@
 
 Modules, one concept each: `routes` (route table + hint consumer), `upstream` (pooled
 HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth` (access
-links and cookies), `activity` (marks + batched flush), `pages` (loading, COLD, error),
-`events` (SSE), `handler` (what each request gets), `links` (minting access links).
+links and cookies), `origins` (path mode or an origin per workspace), `activity` (marks +
+batched flush), `pages` (loading, COLD, error), `events` (SSE), `handler` (what each
+request gets), `links` (minting access links).
+
+In host mode (gateway.workspace_host) a middleware sends every request for a workspace's
+origin to the gateway before routing; `/w/{id}/...` on the main origin redirects (308) to
+the workspace's origin, path and query kept.
 
 Wiring (app.py): after the cleanup contexts that provide keys.CONFIG, keys.STORE,
 keys.HINTS and the InstanceController, call `setup(app, instances=<its AppKey>)`. It adds
@@ -20,28 +25,71 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .. import keys
 from ..interfaces import InstanceController
 from . import links
 from .auth import load_keys
-from .handler import Gateway
-from .pages import Pages, static_dir
+from .handler import MAX_ID_LENGTH, Gateway
+from .origins import ID, HostKind, Origins
+from .pages import Pages, plain, static_dir
 
 log = logging.getLogger(__name__)
 
 GATEWAY = web.AppKey("gateway", Gateway)
 HOUSEKEEPING_INTERVAL = 2.0
+_API_PREFIX = "/api/v1/"
 
 
 async def _workspace(request: web.Request) -> web.StreamResponse:
-    return await request.app[GATEWAY].handle(request, request.match_info["wid"])
+    """/w/{id}/... in path mode: the workspace; in host mode: a redirect to its origin."""
+    gw = request.config_dict[GATEWAY]
+    workspace_id = request.match_info["wid"]
+    raw = request.raw_path
+    n = 3 + len(workspace_id)
+    # Only the canonical spelling of /w/{id}/ is served: the id as sent must be the id the
+    # router matched (no %-encoded or dot-segment variants).
+    if (len(workspace_id) > MAX_ID_LENGTH or not raw.startswith(workspace_id, 3)
+            or raw[n:n + 1] != "/"):
+        return plain(404, "Not found.")
+    if gw.origins.host_mode:
+        if not ID.fullmatch(workspace_id):
+            return plain(404, "Not found.")
+        return _moved(gw.origins.workspace_origin(workspace_id) + raw[n:])
+    return await gw.handle(request, workspace_id, raw[n:])
 
 
 async def _redirect(request: web.Request) -> web.Response:
     qs = request.query_string
-    location = f"/w/{request.match_info['wid']}/" + (f"?{qs}" if qs else "")
-    return web.Response(status=308, headers={"Location": location})
+    wid = request.match_info["wid"]
+    location = f"/w/{wid}/" + (f"?{qs}" if qs else "")
+    gw = request.config_dict[GATEWAY]
+    if gw.origins.host_mode and ID.fullmatch(wid):
+        location = gw.origins.workspace_origin(wid) + "/" + (f"?{qs}" if qs else "")
+    return _moved(location)
+
+
+def _moved(location: str) -> web.Response:
+    # no-store and no-referrer: an access link's URL is never cached nor leaked onwards.
+    return web.Response(status=308, headers={
+        "Location": location, "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+
+
+@web.middleware
+async def _by_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Host mode: a request for a workspace origin goes to that workspace, whatever its
+    path (CodeHub's API is not there: /api/v1/... is 404); one for the main origin goes
+    to the router; any other Host is 404. No database is read to decide."""
+    gw = request.config_dict[GATEWAY]
+    kind, workspace_id = gw.origins.classify(request.headers.get("Host"))
+    if kind is HostKind.MAIN:
+        return await handler(request)
+    target = request.raw_path
+    if kind is not HostKind.WORKSPACE or not target.startswith("/") or target.startswith(
+            _API_PREFIX):
+        return plain(404, "Not found.")
+    return await gw.handle(request, workspace_id, target)
 
 
 def gateway_ctx(instances: web.AppKey[InstanceController],
@@ -81,6 +129,17 @@ def setup(app: web.Application, *, instances: web.AppKey[InstanceController],
     """Add the gateway's routes and its cleanup context to `app`. `access_links=False`
     leaves POST /api/v1/workspaces/{id}/access-links to the admin API."""
     app.cleanup_ctx.append(gateway_ctx(instances))
+    cfg = app[keys.CONFIG]
+    if cfg.gateway.workspace_host:
+        app.middlewares.append(_by_host)
+        log.info("gateway: host mode: each workspace at its own origin, %s",
+                 Origins(cfg.server.public_url, cfg.gateway.workspace_host)
+                 .workspace_origin("{id}"))
+    else:
+        log.warning("gateway: path mode: every workspace is served from one origin under "
+                    "/w/{id}/, so a page one workspace serves can read and act on the others "
+                    "through its user's browser; set gateway.workspace_host to give each "
+                    "workspace an origin of its own (needed for more than one user)")
     app.router.add_route("*", "/w/{wid}", _redirect)
     app.router.add_route("*", "/w/{wid}/{tail:.*}", _workspace)
     if access_links:

@@ -22,8 +22,10 @@ Guarantees (DESIGN.md "What a browser sees at /w/{id}/"):
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import aiohttp
 import asyncpg
@@ -35,7 +37,8 @@ from ..model import DesiredState, Operation, Status
 from ..store import Store
 from . import auth, events
 from .activity import Activity
-from .auth import SigningKeys, Verdict
+from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
+from .origins import Origins
 from .pages import Pages, plain, wants_html
 from .proxy import Forwarding, proxy_http
 from .routes import DatabaseUnavailable, Route, RouteTable
@@ -50,6 +53,21 @@ _WAKE_FROM = (Status.WARM, Status.RUNNING, Status.NEW)
 _WAKE_DURING = tuple(o for o in Operation if o not in (Operation.ARCHIVING,
                                                        Operation.DELETING))
 _COLD_OPERATIONS = (Operation.ARCHIVING, Operation.RESTORING)
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+_SAME_ORIGIN = frozenset({"same-origin", "none"})
+_LINK_REFUSED = {
+    Verdict.USED: "This access link was already used: a link opens a workspace once, in "
+                  "one browser. Ask for a new one.",
+    Verdict.REVOKED: "This access link is no longer valid: access to the workspace was "
+                     "revoked, or the workspace was made anew. Ask for a new one.",
+    Verdict.INVALID: "This access link has expired or is not valid. Ask for a new one.",
+}
+
+
+class _Verified(NamedTuple):
+    workspace_id: str
+    expiry: int
+    credential: auth.Credential
 
 
 class Gateway:
@@ -67,6 +85,11 @@ class Gateway:
         # Behind a TLS-terminating proxy the request itself is plain HTTP; the configured
         # public URL says what the browser sees (no forwarded header is trusted for this).
         self.public_https = cfg.server.public_url.lower().startswith("https://")
+        self.origins = Origins(cfg.server.public_url, g.workspace_host)
+        self.cookie_name = (HOST_COOKIE_NAME if self.origins.host_mode and self.public_https
+                            else COOKIE_NAME)
+        self._trusted_networks = tuple(ipaddress.ip_network(n) for n in g.trusted_proxies)
+        self._trusted: dict[str, bool] = {}
         self.retry_after = g.wake_retry_after
         self.health_path = cfg.docker.health_path
         self.events_poll_interval = g.events_poll_interval
@@ -82,7 +105,7 @@ class Gateway:
         self.routes = RouteTable(store, instances, ttl=g.route_ttl)
         self.activity = Activity(store, interval=g.activity_flush_interval,
                                  keep_sockets_active=g.websocket_keeps_active)
-        self._verified: dict[str, tuple[str, int]] = {}
+        self._verified: dict[str, _Verified] = {}
 
     async def close(self) -> None:
         await self.routes.close()
@@ -108,7 +131,9 @@ class Gateway:
             return self.refuse(request, 401, "Sign-in needed.",
                                "Open this workspace through an access link from CodeHub.",
                                workspace_id)
-        why = "has expired" if verdict is Verdict.EXPIRED else "is not valid for this workspace"
+        why = {Verdict.EXPIRED: "has expired",
+               Verdict.REVOKED: "was revoked (or belongs to an earlier workspace of this id)",
+               }.get(verdict, "is not valid for this workspace")
         return self.refuse(request, 403, "Access denied.",
                            f"Your access {why}. Ask for a new access link.", workspace_id)
 
@@ -155,29 +180,50 @@ class Gateway:
                 return self.refuse(request, 502, "CodeHub cannot reach its database.",
                                    "Try again in a moment.", workspace_id, detail=str(exc))
             ws = route.workspace or ws
-        return self.pages.loading(workspace_id, ws)
+        return self.pages.loading(workspace_id, ws, self.origins.prefix(workspace_id) + "/")
 
-    def exchange_link(self, request: web.Request, workspace_id: str, cookie: str | None,
-                      now: float) -> web.StreamResponse | None:
+    async def exchange_link(self, request: web.Request, workspace_id: str,
+                            cookies: list[str], now: float) -> web.StreamResponse | None:
         """Answer `?access=` on a GET; None when the request has no access token."""
         token = request.query.get("access")
         if token is None:
             return None
-        verdict = auth.verify_access_link(self.keys, workspace_id, token, now)
+        cred = auth.verify_access_link(self.keys, workspace_id, token, now)
         clean = str(request.rel_url.without_query_params("access"))
-        if verdict is not Verdict.OK:
-            if auth.verify_cookie(self.keys, workspace_id, cookie, now) is Verdict.OK:
+        if cred.verdict is Verdict.OK:
+            try:
+                cred = await self.redeem(workspace_id, cred)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    DatabaseUnavailable) as exc:
+                return self.refuse(request, 502, "CodeHub cannot reach its database.",
+                                   "Try again in a moment.", workspace_id, detail=str(exc))
+        if cred.verdict is not Verdict.OK:
+            # A browser that already holds a good cookie (a reload of the link's URL) is
+            # sent on; the request after the redirect is checked in full.
+            if self.check_cookie(workspace_id, cookies, now).verdict is Verdict.OK:
                 return _see_other(clean)
             return self.refuse(request, 403, "Access link not valid.",
-                               "This access link has expired or is not valid. Ask for a "
-                               "new one.", workspace_id)
+                               _LINK_REFUSED.get(cred.verdict, _LINK_REFUSED[Verdict.INVALID]),
+                               workspace_id)
         resp = _see_other(clean)
-        resp.set_cookie(auth.COOKIE_NAME, auth.mint_cookie(self.keys, workspace_id,
+        resp.set_cookie(self.cookie_name, auth.mint_cookie(self.keys, workspace_id, cred.nonce,
                                                            self.cookie_ttl, now),
-                        path=auth.cookie_path(workspace_id), max_age=self.cookie_ttl,
+                        path=self.origins.prefix(workspace_id) + "/", max_age=self.cookie_ttl,
                         httponly=True, samesite="Lax",
                         secure=request.secure or self.public_https)
         return resp
+
+    async def redeem(self, workspace_id: str, cred: auth.Credential) -> auth.Credential:
+        """A verified link's final checks: the workspace's current nonce, and first use."""
+        ws = (await self.routes.get(workspace_id)).workspace
+        if ws is None:
+            return auth.INVALID
+        if ws.access_nonce != cred.nonce:
+            return auth.Credential(Verdict.REVOKED)
+        if not await self.store.use_link(cred.link_id, workspace_id,
+                                         datetime.fromtimestamp(cred.expiry, UTC)):
+            return auth.Credential(Verdict.USED)
+        return cred
 
     async def own_endpoint(self, request: web.Request, workspace_id: str, target: str,
                            ) -> web.StreamResponse:
@@ -188,44 +234,92 @@ class Gateway:
             return await events.status(self, request, workspace_id)
         return plain(404, "Not found.")
 
-    def check_cookie(self, workspace_id: str, cookie: str | None, now: float) -> Verdict:
-        # A cookie already verified skips the HMAC: the exact string was seen valid before,
-        # for this workspace, and has not expired (bounded cache; keys never change live).
-        known = self._verified.get(cookie) if cookie else None
-        if known is not None and known[0] == workspace_id and known[1] > now:
-            return Verdict.OK
-        verdict = auth.verify_cookie(self.keys, workspace_id, cookie, now)
-        if verdict is Verdict.OK and cookie:
-            if len(self._verified) >= VERIFIED_CACHE:
-                self._verified.clear()
-            self._verified[cookie] = (workspace_id, auth.link_expiry(cookie))
-        return verdict
+    def check_cookie(self, workspace_id: str, values: list[str], now: float,
+                     ) -> auth.Credential:
+        """The first of the request's cookies that verifies (usually the only one sent).
+        Its nonce is compared with the row's by the caller."""
+        worst = auth.MISSING
+        for value in values:
+            # A cookie already verified skips the HMAC: the exact string was seen valid
+            # before, for this workspace, and has not expired (bounded cache; keys never
+            # change live).
+            known = self._verified.get(value)
+            if known is not None and known.expiry > now and known.workspace_id == workspace_id:
+                return known.credential
+            cred = auth.verify_cookie(self.keys, workspace_id, value, now)
+            if cred.verdict is Verdict.OK:
+                if len(self._verified) >= VERIFIED_CACHE:
+                    self._verified.clear()
+                self._verified[value] = _Verified(workspace_id, cred.expiry, cred)
+                return cred
+            if worst.verdict is Verdict.MISSING or cred.verdict is Verdict.EXPIRED:
+                worst = cred
+        return worst
+
+    def trusted(self, remote: str | None) -> bool:
+        """Is the peer one of gateway.trusted_proxies? (cached per address)"""
+        if not self._trusted_networks or not remote:
+            return False
+        known = self._trusted.get(remote)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(remote)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in net for net in self._trusted_networks)
+            if len(self._trusted) >= VERIFIED_CACHE:
+                self._trusted.clear()
+            self._trusted[remote] = known
+        return known
+
+    def cross_site(self, request: web.Request, workspace_id: str, fwd: Forwarding,
+                   ) -> web.Response | None:
+        """A refusal (403) for a WebSocket or a state-changing request that a browser sent
+        from anywhere but the workspace's own origin; None for everything else. Safe
+        requests (GET, HEAD, OPTIONS) pass: they are checked by the cookie alone, and the
+        same-origin policy keeps their answers from other origins. Clients that are not
+        browsers send neither Origin nor Sec-Fetch-Site and pass (they still need the
+        cookie)."""
+        upgrade = is_upgrade(request)
+        if request.method in _SAFE and not upgrade:
+            return None
+        headers = request.headers
+        site = headers.get("Sec-Fetch-Site")
+        origin = headers.get("Origin")
+        own = self.origins.own_origin(workspace_id, fwd.proto, fwd.host)
+        if (site is None or site in _SAME_ORIGIN) and (origin is None or origin.lower() == own):
+            return None
+        what = "WebSocket" if upgrade else f"{request.method} request"
+        return self.refuse(request, 403, "Refused.",
+                           f"This {what} came from another site or origin "
+                           f"({origin or 'Sec-Fetch-Site: ' + (site or '')}), not from "
+                           f"{own}.", workspace_id)
 
     # --- the entry point --------------------------------------------------------------------
 
-    async def handle(self, request: web.Request, workspace_id: str) -> web.StreamResponse:
-        raw = request.raw_path
-        n = 3 + len(workspace_id)
-        # Only the canonical spelling of /w/{id}/ is served: the id as sent must be the id
-        # the router matched (no %-encoded or dot-segment variants).
-        if (len(workspace_id) > MAX_ID_LENGTH or not raw.startswith(workspace_id, 3)
-                or raw[n:n + 1] != "/"):
-            return plain(404, "Not found.")
-        target = raw[n:]
+    async def handle(self, request: web.Request, workspace_id: str, target: str,
+                     ) -> web.StreamResponse:
+        """Serve `target` (the path and query below the workspace's root, as sent) of
+        `workspace_id`. The caller has checked that both are well formed."""
+        fwd = Forwarding(request, self.origins.prefix(workspace_id),
+                         trusted=self.trusted(request.remote))
+        refused = self.cross_site(request, workspace_id, fwd)
+        if refused is not None:
+            return refused
         now = time.time()
         headers = request.headers
         cookies = headers.getall("Cookie", ())
-        cookie, rest = auth.split_cookie_header(
-            cookies[0] if len(cookies) == 1 else ("; ".join(cookies) or None))
+        values, fwd.cookie = auth.split_cookie_header(
+            cookies[0] if len(cookies) == 1 else ("; ".join(cookies) or None),
+            self.cookie_name)
         if "access=" in target and request.method == "GET":
-            answer = self.exchange_link(request, workspace_id, cookie, now)
+            answer = await self.exchange_link(request, workspace_id, values, now)
             if answer is not None:
                 return answer
-        verdict = self.check_cookie(workspace_id, cookie, now)
-        if verdict is not Verdict.OK:
-            return self.denied(request, workspace_id, verdict)
-        if target.startswith("/_codehub/"):
-            return await self.own_endpoint(request, workspace_id, target)
+        cred = self.check_cookie(workspace_id, values, now)
+        if cred.verdict is not Verdict.OK:
+            return self.denied(request, workspace_id, cred.verdict)
         route = self.routes.cached(workspace_id)
         if route is None:
             try:
@@ -233,10 +327,14 @@ class Gateway:
             except DatabaseUnavailable as exc:
                 return self.refuse(request, 502, "CodeHub cannot reach its database.",
                                    "Try again in a moment.", workspace_id, detail=str(exc))
+        ws = route.workspace
+        if ws is not None and ws.access_nonce != cred.nonce:
+            return self.denied(request, workspace_id, Verdict.REVOKED)
+        if target.startswith("/_codehub/"):
+            return await self.own_endpoint(request, workspace_id, target)
         if not route.host:
             return await self.state_answer(request, workspace_id, route)
         self.activity.mark(workspace_id)
-        fwd = Forwarding(request, workspace_id, rest)
         if is_upgrade(request):
             return await self.websocket(request, workspace_id, route, target, fwd)
         try:

@@ -6,8 +6,9 @@ Guarantees:
 - Body `{"ttl_seconds"?: int}` (1 .. 30 days, default auth.link_ttl); answers 201
   `{"url", "expires_at"}` for an existing workspace, 404 otherwise. Errors are
   `{"error": {"code", "message"}}`.
-- The URL is `server.public_url` + `/w/{id}/?access=<token>`, or built from the request's
-  scheme and Host when no public URL is configured.
+- The URL is the workspace's origin + `/?access=<token>` in host mode; in path mode
+  `server.public_url` + `/w/{id}/?access=<token>`, or built from the request's scheme and
+  Host when no public URL is configured (origins.Origins.access_url).
 
 The admin API (api.py) owns this route once it exists; it calls `mint_access_link` the
 same way, and this module then only serves the gateway's own tests.
@@ -63,14 +64,15 @@ async def create_access_link(request: web.Request) -> web.Response:
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_TTL:
         return _error(400, "invalid_ttl", f"ttl_seconds must be an integer in 1..{MAX_TTL}")
     gw = request.app[GATEWAY]
-    if await gw.store.get(workspace_id) is None:
+    ws = await gw.store.get(workspace_id)
+    if ws is None:
         return _error(404, "not_found", f"no workspace {workspace_id!r}")
     now = time.time()
-    token = auth.mint_access_link(gw.keys, workspace_id, ttl, now)
-    base = cfg.server.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
+    token = auth.mint_access_link(gw.keys, workspace_id, ws.access_nonce, ttl, now)
     expires = datetime.fromtimestamp(auth.link_expiry(token), UTC)
     return web.Response(status=201, content_type="application/json", body=orjson.dumps({
-        "url": base + auth.link_path(workspace_id, token),
+        "url": gw.origins.access_url(workspace_id, token,
+                                     f"{request.scheme}://{request.host}"),
         "expires_at": expires.isoformat().replace("+00:00", "Z"),
     }))
 

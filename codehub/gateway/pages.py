@@ -88,11 +88,12 @@ class Pages:
         return web.Response(status=status, text=body, content_type="text/html",
                             charset="utf-8", headers=headers)
 
-    def loading(self, workspace_id: str, ws: Workspace | None) -> web.Response:
+    def loading(self, workspace_id: str, ws: Workspace | None, base: str) -> web.Response:
+        """`base`: the path the workspace's root is served at (its events are below it)."""
         state = describe(ws)
         body = self._render(
             "loading.html",
-            {"workspace": workspace_id, "base": f"/w/{workspace_id}/"},
+            {"workspace": workspace_id, "base": base},
             {"state_json": _json_for_script(state)})
         return self._response(200, body)
 

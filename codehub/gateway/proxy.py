@@ -5,10 +5,12 @@ Guarantees:
   client sent them (no decoding, re-encoding or normalisation).
 - Hop-by-hop headers (RFC 9110 7.6.1) and every header named in `Connection` are dropped
   both ways; every other header is kept with its repeats (several Set-Cookie stay
-  several). `Host` is kept as the client sent it, and `X-Forwarded-For` (appended),
-  `-Host`, `-Proto` and `-Prefix` are set, so code-server sees the public origin and
-  accepts its WebSockets. The gateway's own cookie never reaches the workspace: it is
-  removed from `Cookie`, the other cookies stay.
+  several). `Host` is kept as the client sent it, and `X-Forwarded-For`, `-Host`,
+  `-Proto` and `-Prefix` are set (see `Forwarding`: a client's own values are replaced
+  unless it is a trusted proxy), so code-server sees the public origin and accepts its
+  WebSockets. The gateway's own cookie never reaches the workspace: it is removed from
+  `Cookie`, the other cookies stay. On the way back, `Service-Worker-Allowed` and a
+  `Set-Cookie` naming CodeHub's cookie never reach the browser.
 - Bodies stream both ways with backpressure, whatever their size: no `client_max_size`,
   no buffering beyond a few hundred KiB, no decompression and no recompression
   (Content-Encoding passes through untouched). A body the client sent with
@@ -35,6 +37,7 @@ import contextlib
 from aiohttp import web
 
 from ..metrics import PROXY_ERRORS, PROXY_REQUESTS
+from .auth import names_our_cookie
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 # Hop-by-hop headers, lower-case bytes (request side: raw headers are bytes).
@@ -47,8 +50,13 @@ _REPLACED = frozenset({
     b"cookie", b"expect", b"content-length", b"x-forwarded-for", b"x-forwarded-host",
     b"x-forwarded-proto", b"x-forwarded-prefix",
 })
-_DROP_REQUEST = HOP_BY_HOP | _REPLACED
-_DROP_RESPONSE = HOP_BY_HOP
+# What a client says about where it came from: passed on only from a trusted proxy.
+_CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
+DROP_REQUEST = HOP_BY_HOP | _REPLACED | _CLAIMS
+DROP_REQUEST_TRUSTED = HOP_BY_HOP | _REPLACED
+# Never from a workspace to the browser: a service worker's scope stays at most the
+# directory of its script (no workspace widens it to the whole origin).
+_DROP_RESPONSE = HOP_BY_HOP | {b"service-worker-allowed"}
 _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -57,18 +65,34 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 
 
 class Forwarding:
-    """What the gateway adds to a forwarded request (shared by HTTP and WebSocket)."""
+    """What the gateway adds to a forwarded request (shared by HTTP and WebSocket).
 
-    __slots__ = ("cookie", "forwarded_for", "host", "prefix", "proto")
+    From an untrusted peer (the default: anyone) the X-Forwarded-* headers say what the
+    gateway saw, whatever the client sent, and `drop` removes Forwarded and X-Real-IP.
+    From a trusted proxy (gateway.trusted_proxies) its X-Forwarded-For is extended with
+    the peer, its -Host, -Proto and -Prefix are kept, and so are Forwarded and X-Real-IP.
+    """
 
-    def __init__(self, request: web.BaseRequest, workspace_id: str, cookie: str | None) -> None:
-        self.cookie = cookie
+    __slots__ = ("cookie", "drop", "forwarded_for", "host", "prefix", "proto", "trusted")
+
+    def __init__(self, request: web.BaseRequest, prefix: str, *, trusted: bool) -> None:
+        self.cookie: str | None = None
+        self.trusted = trusted
         remote = request.remote or ""
-        prior = request.headers.getall("X-Forwarded-For", ())
-        self.forwarded_for = ", ".join([*prior, remote]) if prior else remote
-        self.host = request.host
-        self.proto = request.scheme
-        self.prefix = f"/w/{workspace_id}"
+        headers = request.headers
+        if trusted:
+            prior = headers.getall("X-Forwarded-For", ())
+            self.forwarded_for = ", ".join([*prior, remote]) if prior else remote
+            self.host = headers.get("X-Forwarded-Host") or request.host
+            self.proto = headers.get("X-Forwarded-Proto") or request.scheme
+            self.prefix = headers.get("X-Forwarded-Prefix", "").rstrip("/") + prefix
+            self.drop = DROP_REQUEST_TRUSTED
+        else:
+            self.forwarded_for = remote
+            self.host = request.host
+            self.proto = request.scheme
+            self.prefix = prefix
+            self.drop = DROP_REQUEST
 
     def block(self) -> bytes:
         """The same headers as `pairs`, as request-head bytes."""
@@ -76,7 +100,9 @@ class Forwarding:
 
     def pairs(self) -> list[tuple[str, str]]:
         out = [("X-Forwarded-For", self.forwarded_for), ("X-Forwarded-Host", self.host),
-               ("X-Forwarded-Proto", self.proto), ("X-Forwarded-Prefix", self.prefix)]
+               ("X-Forwarded-Proto", self.proto)]
+        if self.prefix:
+            out.append(("X-Forwarded-Prefix", self.prefix))
         if self.cookie:
             out.append(("Cookie", self.cookie))
         return out
@@ -86,7 +112,7 @@ def request_head(request: web.BaseRequest, target: str, fwd: Forwarding, host: s
                  port: int, body: str) -> bytes:
     """The request line and headers for the workspace. `body` is "", "length" or "chunked"."""
     headers = request.headers
-    drop = _DROP_REQUEST
+    drop = fwd.drop
     if "Connection" in headers:  # one C lookup instead of a scan of every header
         named = ",".join(headers.getall("Connection")).encode("latin-1")
         drop = drop | connection_tokens(named)
@@ -109,9 +135,16 @@ def request_head(request: web.BaseRequest, target: str, fwd: Forwarding, host: s
 
 def response_headers(raw: list[tuple[bytes, bytes]], connection: bytes | None,
                      ) -> list[tuple[str, str]]:
+    """The headers for the browser: hop-by-hop ones, Service-Worker-Allowed and any
+    Set-Cookie of CodeHub's own cookie removed (a workspace never sets nor shadows it)."""
     drop = _DROP_RESPONSE | connection_tokens(connection) if connection else _DROP_RESPONSE
-    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw
-            if n.lower() not in drop]
+    out = []
+    for n, v in raw:
+        name = n.lower()
+        if name in drop or (name == b"set-cookie" and names_our_cookie(v)):
+            continue
+        out.append((n.decode("latin-1"), v.decode("latin-1")))
+    return out
 
 
 def _body_mode(request: web.BaseRequest) -> str:

@@ -2,7 +2,8 @@
 
 Guarantees:
 - The upstream handshake happens first, with the client's headers (hop-by-hop ones and
-  the gateway's cookie removed, X-Forwarded-* set, Host and Origin kept) and its offered
+  the gateway's cookie removed, X-Forwarded-* set as for HTTP (proxy.Forwarding), Host
+  and Origin kept; the gateway has checked the Origin before, see handler.py) and its offered
   subprotocols; the browser is then answered with the subprotocol the workspace chose.
   A workspace that refuses the handshake makes the gateway refuse it too, before the
   browser's upgrade is accepted.
@@ -33,13 +34,14 @@ from ..metrics import WEBSOCKETS_OPEN, WEBSOCKETS_OPENED
 from .activity import Activity
 from .proxy import Forwarding, connection_tokens
 
-_DROP = frozenset({
+_DROP_TRUSTED = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
     "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
     "cookie", "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-protocol", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
     "x-forwarded-prefix", "content-length",
 })
+_DROP = _DROP_TRUSTED | {"forwarded", "x-real-ip"}  # from anyone but a trusted proxy
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
 UPSTREAM_LOST = 1011
 CLOSE_WAIT = 5.0
@@ -51,7 +53,7 @@ def is_upgrade(request: web.BaseRequest) -> bool:
 
 
 def _upstream_headers(request: web.BaseRequest, fwd: Forwarding) -> list[tuple[str, str]]:
-    drop = _DROP
+    drop = _DROP_TRUSTED if fwd.trusted else _DROP
     conn = request.headers.get("Connection")
     if conn:
         drop = drop | {t.decode() for t in connection_tokens(conn.encode("latin-1"))}

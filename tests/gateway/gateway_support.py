@@ -28,17 +28,19 @@ import pytest
 from aiohttp import web
 from harness import services
 
-from codehub import gateway, keys
+from codehub import api, gateway, keys
 from codehub.config import AuthConfig, Config, DockerConfig, GatewayConfig, ServerConfig
 from codehub.gateway import auth
 from codehub.hints import InProcessHintBus
-from codehub.model import DesiredState, Operation, Status
+from codehub.interfaces import HintBus
+from codehub.model import DesiredState, Operation, Status, Workspace
 from codehub.runtime.docker import DockerInstanceController
 from codehub.store import Store, migrate
 
 ECHO_ID = "echo"
 SIGNING_KEY = "test-signing-key-one"
 ADMIN_TOKEN = "test-admin-token"
+NO_ROW_NONCE = "f" * 32
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def make_config(tmp_path: Path, server: ServerConfig | None = None,
 class Stack:
     """A running gateway and handles on what is behind it."""
 
-    def __init__(self, app: web.Application, url: str, store: Store, bus: InProcessHintBus,
+    def __init__(self, app: web.Application, url: str, store: Store, bus: HintBus,
                  up: Upstream, cfg: Config) -> None:
         self.app = app
         self.base = url
@@ -106,6 +108,7 @@ class Stack:
         self.hints = bus
         self.up = up
         self.cfg = cfg
+        self.nonces: dict[str, str] = {}  # workspace id -> its row's access_nonce
 
     @property
     def gw(self) -> gateway.Gateway:
@@ -119,8 +122,16 @@ class Stack:
         return self.base + path
 
     def cookie(self, workspace_id: str = ECHO_ID, ttl: float = 3600) -> str:
-        value = auth.mint_cookie(self.signing, workspace_id, ttl, time.time())
-        return f"{auth.COOKIE_NAME}={value}"
+        """A valid cookie of a workspace made by `add` (or `remember`ed); of one that does
+        not exist, a cookie signed right but with a nonce no row has."""
+        nonce = self.nonces.get(workspace_id, NO_ROW_NONCE)
+        value = auth.mint_cookie(self.signing, workspace_id, nonce, ttl, time.time())
+        return f"{self.gw.cookie_name}={value}"
+
+    def remember(self, ws: Workspace) -> Workspace:
+        """Note the access nonce of a row a test made itself (for `cookie`)."""
+        self.nonces[ws.id] = ws.access_nonce
+        return ws
 
     def headers(self, workspace_id: str = ECHO_ID, **extra: str) -> dict[str, str]:
         return {"Cookie": self.cookie(workspace_id), **extra}
@@ -129,10 +140,11 @@ class Stack:
                   desired: DesiredState | None = None, now: datetime | None = None,
                   **changes: Any) -> None:
         """A workspace row in `status` (RUNNING rows point at their container by name)."""
-        await self.store.create(id=workspace_id, owner="tester", image_ref=self.up.image,
-                                desired_state=desired or DesiredState(
-                                    status.value if status.value in DesiredState.__members__
-                                    else "RUNNING"), now=now)
+        self.remember(await self.store.create(
+            id=workspace_id, owner="tester", image_ref=self.up.image,
+            desired_state=desired or DesiredState(
+                status.value if status.value in DesiredState.__members__ else "RUNNING"),
+            now=now))
         if status is not Status.NEW or changes:
             row = await self.store.compare_and_set(
                 workspace_id, expect_status=Status.NEW, expect_operation=Operation.NONE,
@@ -141,8 +153,12 @@ class Stack:
 
 
 async def open_stack(database_url: str, up: Upstream, tmp_path: Path,
-                     server: ServerConfig | None = None,
-                     **gateway_settings: Any) -> AsyncIterator[Stack]:
+                     server: ServerConfig | None = None, *, hints: HintBus | None = None,
+                     port: int = 0, with_api: bool = False, **gateway_settings: Any,
+                     ) -> AsyncIterator[Stack]:
+    """`hints`: the bus (default: a new in-process one); `port`: 0 for any free one;
+    `with_api`: the admin API mounted as app.py does (it then mints the links). A second
+    stack on the same database and a shared Redis bus is a second replica."""
     cfg = make_config(tmp_path, server, **gateway_settings)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
     assert pool is not None
@@ -150,19 +166,21 @@ async def open_stack(database_url: str, up: Upstream, tmp_path: Path,
         await migrate(conn)
     docker = aiodocker.Docker(url=up.docker_url)
     ctrl = controller(up, docker)
-    bus = InProcessHintBus()
+    bus = hints or InProcessHintBus()
     store = Store(pool)
     app = web.Application()
     app[keys.CONFIG] = cfg
     app[keys.STORE] = store
     app[keys.HINTS] = bus
     app[keys.INSTANCES] = ctrl
-    gateway.setup(app, instances=keys.INSTANCES)
+    if with_api:
+        api.setup(app)
+    gateway.setup(app, instances=keys.INSTANCES, access_links=not with_api)
     # handler_cancellation as `codehub serve` runs it: a client that goes away cancels its
     # handler, so a proxied request waiting on the workspace does not outlive its client.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = runner.addresses[0][1]
     try:

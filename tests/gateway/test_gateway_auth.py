@@ -100,8 +100,9 @@ async def test_another_workspaces_cookie_is_403(stack: Stack) -> None:
 
 async def test_expired_cookie_and_expired_link_are_403(stack: Stack) -> None:
     await stack.add()
-    old = auth.mint_cookie(stack.signing, "echo", 10, time.time() - 60)
-    link = auth.mint_access_link(stack.signing, "echo", 10, time.time() - 60)
+    nonce = stack.nonces["echo"]
+    old = auth.mint_cookie(stack.signing, "echo", nonce, 10, time.time() - 60)
+    link = auth.mint_access_link(stack.signing, "echo", nonce, 10, time.time() - 60)
     async with client() as http:
         async with http.get(stack.url("/w/echo/"),
                             headers={"Cookie": f"{auth.COOKIE_NAME}={old}"}) as resp:
@@ -115,14 +116,16 @@ async def test_expired_cookie_and_expired_link_are_403(stack: Stack) -> None:
 
 async def test_forged_cookies_are_403(stack: Stack) -> None:
     await stack.add()
-    good = auth.mint_cookie(stack.signing, "echo", 3600, time.time())
-    expiry, mac = good.split(".")
+    nonce = stack.nonces["echo"]
+    good = auth.mint_cookie(stack.signing, "echo", nonce, 3600, time.time())
+    expiry, _, mac = good.split(".")
     forged = [
-        f"{int(expiry) + 1}.{mac}",  # extended expiry
-        f"{expiry}.{mac[:-1]}{'A' if mac[-1] != 'A' else 'B'}",  # flipped MAC
-        auth.mint_cookie(SigningKeys((b"attacker",)), "echo", 3600, time.time()),
-        auth.mint_access_link(stack.signing, "echo", 3600, time.time()),  # a link as cookie
-        "garbage", "1.2.3", "",
+        f"{int(expiry) + 1}.{nonce}.{mac}",  # extended expiry
+        f"{expiry}.{nonce}.{mac[:-1]}{'A' if mac[-1] != 'A' else 'B'}",  # flipped MAC
+        f"{expiry}.{'0' * len(nonce)}.{mac}",  # another nonce
+        auth.mint_cookie(SigningKeys((b"attacker",)), "echo", nonce, 3600, time.time()),
+        auth.mint_access_link(stack.signing, "echo", nonce, 3600, time.time()),  # a link
+        "garbage", "1.2.3", "", f"{expiry}.{mac}",
     ]
     async with client() as http:
         for value in forged:
@@ -133,14 +136,20 @@ async def test_forged_cookies_are_403(stack: Stack) -> None:
 
 def test_rotated_keys_the_first_signs_and_all_verify() -> None:
     now = time.time()
-    by_old = auth.mint_cookie(SigningKeys((b"old-key",)), "w1", 60, now)
-    by_new = auth.mint_cookie(KEYS, "w1", 60, now)
-    assert auth.verify_cookie(SigningKeys((b"new-key",)), "w1", by_new, now) is Verdict.OK
-    assert auth.verify_cookie(KEYS, "w1", by_old, now) is Verdict.OK
-    assert auth.verify_cookie(SigningKeys((b"new-key",)), "w1", by_old, now) is Verdict.INVALID
-    assert auth.verify_cookie(KEYS, "w2", by_new, now) is Verdict.INVALID
-    assert auth.verify_cookie(KEYS, "w1", by_new, now + 61) is Verdict.EXPIRED
-    assert auth.verify_cookie(KEYS, "w1", None, now) is Verdict.MISSING
+    n = auth.new_nonce()
+
+    def verdict(keys: SigningKeys, wid: str, value: str | None, at: float) -> Verdict:
+        return auth.verify_cookie(keys, wid, value, at).verdict
+
+    by_old = auth.mint_cookie(SigningKeys((b"old-key",)), "w1", n, 60, now)
+    by_new = auth.mint_cookie(KEYS, "w1", n, 60, now)
+    assert verdict(SigningKeys((b"new-key",)), "w1", by_new, now) is Verdict.OK
+    assert verdict(KEYS, "w1", by_old, now) is Verdict.OK
+    assert auth.verify_cookie(KEYS, "w1", by_old, now).nonce == n
+    assert verdict(SigningKeys((b"new-key",)), "w1", by_old, now) is Verdict.INVALID
+    assert verdict(KEYS, "w2", by_new, now) is Verdict.INVALID
+    assert verdict(KEYS, "w1", by_new, now + 61) is Verdict.EXPIRED
+    assert verdict(KEYS, "w1", None, now) is Verdict.MISSING
 
 
 async def test_the_gateway_cookie_never_reaches_the_workspace(stack: Stack) -> None:

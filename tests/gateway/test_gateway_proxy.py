@@ -155,14 +155,14 @@ async def test_hop_by_hop_and_connection_named_headers_are_dropped(stack: Stack)
 async def test_host_is_kept_and_forwarded_headers_are_set(stack: Stack) -> None:
     await stack.add()
     async with client() as http, http.get(
-            stack.url("/w/echo/x"), headers=stack.headers(**{
-                "Host": "ide.example.test", "X-Forwarded-For": "203.0.113.9"})) as resp:
+            stack.url("/w/echo/x"), headers=stack.headers(**{"Host": "ide.example.test"})
+            ) as resp:
         echo = await resp.json()
     assert header_values(echo, "Host") == ["ide.example.test"]
     assert header_values(echo, "X-Forwarded-Host") == ["ide.example.test"]
     assert header_values(echo, "X-Forwarded-Proto") == ["http"]
     assert header_values(echo, "X-Forwarded-Prefix") == ["/w/echo"]
-    assert header_values(echo, "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
+    assert header_values(echo, "X-Forwarded-For") == ["127.0.0.1"]
 
 
 async def test_request_headers_are_not_added_to_by_the_proxy(stack: Stack) -> None:
@@ -313,7 +313,11 @@ async def test_refused_connection_rereads_the_row_and_answers_with_a_page(
 
 
 def test_cookie_splitting_keeps_other_cookies() -> None:
-    value, rest = auth.split_cookie_header(f"a=1; {auth.COOKIE_NAME}=v; b=2")
-    assert value == "v" and rest == "a=1; b=2"
-    assert auth.split_cookie_header("a=1") == (None, "a=1")
-    assert auth.split_cookie_header(f"{auth.COOKIE_NAME}=v") == ("v", None)
+    values, rest = auth.split_cookie_header(f"a=1; {auth.COOKIE_NAME}=v; b=2")
+    assert values == ["v"] and rest == "a=1; b=2"
+    assert auth.split_cookie_header("a=1") == ([], "a=1")
+    assert auth.split_cookie_header(f"{auth.COOKIE_NAME}=v") == (["v"], None)
+    # Several of ours (one tossed by a sibling origin for the parent domain): all kept out
+    # of the workspace's Cookie, all offered to verification in order.
+    assert auth.split_cookie_header(f"{auth.COOKIE_NAME}=x; c=3; {auth.COOKIE_NAME}=y") == (
+        ["x", "y"], "c=3")

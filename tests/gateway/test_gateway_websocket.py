@@ -58,14 +58,14 @@ async def test_subprotocol_chosen_by_the_workspace_is_answered(stack: Stack) -> 
 async def test_upgrade_headers_reach_the_workspace_without_the_gateway_cookie(
         stack: Stack) -> None:
     await stack.add()
-    headers = stack.headers(Origin="http://ide.example.test")
+    headers = stack.headers(Origin=stack.base)  # the workspace's own origin (path mode)
     headers["Cookie"] = f"theirs=1; {headers['Cookie']}; other=2"
     async with client() as http, http.ws_connect(ws_url(stack), headers=headers) as ws:
         await ws.send_str("headers")
         seen = json.loads((await ws.receive()).data)
     names = {k.lower(): v for k, v in seen}
     assert names["cookie"] == "theirs=1; other=2"
-    assert names["origin"] == "http://ide.example.test"
+    assert names["origin"] == stack.base
     assert names["x-forwarded-prefix"] == "/w/echo"
     assert "sec-websocket-extensions" not in names  # no compression negotiated upstream
 
