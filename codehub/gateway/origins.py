@@ -1,6 +1,6 @@
 """Where a workspace is served: its browser origin, and which origin a request is for.
 
-Two modes (ARCHITECTURE.md "Browser isolation"):
+Two modes (README.md "Browser isolation"):
 - **Path mode** (`gateway.workspace_host` empty; single-user and development setups):
   every workspace is served from CodeHub's own origin under `/w/{id}/`. Workspaces then
   share an origin, and a page that one serves can reach the others through the browser
