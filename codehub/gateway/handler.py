@@ -1,13 +1,23 @@
-"""What a request under /w/{id}/ gets: auth, then the IDE, a state page, or a refusal.
+"""What a request for a workspace gets: checks, then the IDE, a state page, or a refusal.
+
+A workspace's root is `/w/{id}/` in path mode and `/` of its own origin in host mode
+(origins.py); below, `<root>` is that.
 
 Guarantees (DESIGN.md "What a browser sees at /w/{id}/"):
-- `/w/{id}` redirects to `/w/{id}/` (query kept).
-- `?access=<link token>` on a GET is exchanged for the workspace cookie (HttpOnly,
-  SameSite=Lax, Path=/w/{id}/; Secure when the request came over HTTPS or
-  `server.public_url` is https, i.e. TLS ends at a proxy in front) and a 303 to the same
-  URL without the token. Every other request needs that cookie: none -> 401, invalid,
-  expired or another workspace's -> 403. Checking it is an HMAC, never a database query.
-- `/w/{id}/_codehub/...` is the gateway's own (events, status); nothing under it reaches
+- `/w/{id}` redirects to `/w/{id}/` (query kept); in host mode both redirect to the
+  workspace's origin.
+- A WebSocket upgrade or a state-changing request that a browser sent from another origin
+  (`Origin` not the workspace's own, or `Sec-Fetch-Site` not same-origin/none) is refused
+  with 403 before anything else, and never reaches the workspace (`cross_site`).
+- `?access=<link token>` on a GET is exchanged, once, for the workspace cookie (HttpOnly,
+  SameSite=Lax, Path=<root>, host-only; `__Host-` prefixed on HTTPS in host mode; Secure
+  when the request came over HTTPS or `server.public_url` is https, i.e. TLS ends at a
+  proxy in front) and a 303 to the same URL without the token; the link's use is recorded
+  and a replay is refused (403). Every other request needs that cookie: none -> 401;
+  invalid, expired, another workspace's, revoked or of an earlier workspace of that id
+  -> 403. Checking it is an HMAC plus a comparison with the cached row's access_nonce,
+  never a database query while the route is cached.
+- `<root>_codehub/...` is the gateway's own (events, status); nothing under it reaches
   the workspace.
 - RUNNING and ready: proxied (HTTP or WebSocket), and the workspace is marked active.
 - WARM, NEW, or RUNNING but not yet reachable: a browser GET for HTML sets desired RUNNING
