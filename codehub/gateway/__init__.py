@@ -101,7 +101,8 @@ def gateway_ctx(instances: web.AppKey[InstanceController],
         app[GATEWAY] = gw
         loop = asyncio.get_running_loop()
         tasks = [
-            loop.create_task(gw.routes.consume_hints(gw.hints), name="gateway-hints"),
+            loop.create_task(gw.routes.consume_hints(gw.hints, gw.recheck_sockets),
+                             name="gateway-hints"),
             loop.create_task(gw.activity.run(), name="gateway-activity"),
             loop.create_task(_housekeeping(gw), name="gateway-housekeeping"),
         ]

@@ -32,10 +32,11 @@ Guarantees (DESIGN.md "What a browser sees at /w/{id}/"):
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import aiohttp
 import asyncpg
@@ -116,8 +117,14 @@ class Gateway:
         self.activity = Activity(store, interval=g.activity_flush_interval,
                                  keep_sockets_active=g.websocket_keeps_active)
         self._verified: dict[str, _Verified] = {}
+        # Relayed WebSockets by workspace: the handler task and its cookie's nonce.
+        self._sockets: dict[str, dict[asyncio.Task[Any], str]] = {}
+        self._rechecks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        for task in list(self._rechecks):
+            task.cancel()
+        await asyncio.gather(*self._rechecks, return_exceptions=True)
         await self.routes.close()
         await self.session.close()
         self.pool.close()
@@ -346,21 +353,50 @@ class Gateway:
             return await self.state_answer(request, workspace_id, route)
         self.activity.mark(workspace_id)
         if is_upgrade(request):
-            return await self.websocket(request, workspace_id, route, target, fwd)
+            return await self.websocket(request, workspace_id, route, target, fwd, cred.nonce)
         try:
             return await proxy_http(self.pool, request, route.host, route.port, target, fwd)
         except UpstreamError as exc:
             return await self.unreachable(request, workspace_id, str(exc))
 
     async def websocket(self, request: web.Request, workspace_id: str, route: Route,
-                        target: str, fwd: Forwarding) -> web.StreamResponse:
+                        target: str, fwd: Forwarding, nonce: str) -> web.StreamResponse:
         url = f"ws://{route.host}:{route.port}{target}"
+        task = asyncio.current_task()
+        sockets = self._sockets.setdefault(workspace_id, {})
+        if task is not None:
+            sockets[task] = nonce
         try:
             return await relay(self.session, request, url, fwd, workspace_id, self.activity)
         except UpstreamRefused as exc:
             if exc.status == 502:
                 return await self.unreachable(request, workspace_id, str(exc))
             return plain(exc.status if exc.status >= 400 else 502, str(exc))
+        finally:
+            if task is not None:
+                sockets.pop(task, None)
+            if not sockets and self._sockets.get(workspace_id) is sockets:
+                del self._sockets[workspace_id]
+
+    def recheck_sockets(self, workspace_id: str | None) -> None:
+        """After a hint: relayed WebSockets whose cookie's nonce is no longer the row's
+        (access revoked, workspace deleted) are closed. Called by the hint consumer."""
+        ids = list(self._sockets) if workspace_id is None else (
+            [workspace_id] if workspace_id in self._sockets else [])
+        for wid in ids:
+            task = asyncio.ensure_future(self._close_revoked(wid))
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
+
+    async def _close_revoked(self, workspace_id: str) -> None:
+        try:
+            ws = (await self.routes.get(workspace_id)).workspace
+        except DatabaseUnavailable:
+            return  # nothing is known to have changed; the next hint or resync tells
+        current = ws.access_nonce if ws is not None else None
+        for task, nonce in list(self._sockets.get(workspace_id, {}).items()):
+            if nonce != current:
+                task.cancel()  # the relay's own cleanup closes both sides
 
     async def unreachable(self, request: web.Request, workspace_id: str, detail: str,
                           ) -> web.Response:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 
@@ -151,13 +152,17 @@ class RouteTable:
         except TimeoutError:
             return False
 
-    async def consume_hints(self, hints: HintBus) -> None:
-        """Invalidate routes as hints arrive; runs until cancelled."""
+    async def consume_hints(self, hints: HintBus,
+                            on_hint: Callable[[str | None], None] | None = None) -> None:
+        """Invalidate routes as hints arrive, then tell `on_hint` (the workspace's id, or
+        None after a resubscription: any may have changed); runs until cancelled."""
         async for workspace_id in hints.subscribe():
             if workspace_id is None:
                 self.clear()
             else:
                 self.invalidate(workspace_id)
+            if on_hint is not None:
+                on_hint(workspace_id)
 
     async def close(self) -> None:
         for task in list(self._loading.values()):

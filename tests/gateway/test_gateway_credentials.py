@@ -8,6 +8,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
+
 from gateway_support import ADMIN_TOKEN, Stack, Upstream, client, open_stack, wait_for
 
 from codehub.gateway import auth
@@ -90,7 +92,7 @@ async def replicas(database_url: str, up: Upstream, tmp_path: Path, redis_url: s
             await bus.close()
 
 
-async def test_revoke_access_cuts_sessions_and_unused_links_on_every_replica_within_a_hint(
+async def test_revoke_access_cuts_sessions_sockets_and_unused_links_on_every_replica(
         database_url: str, echo_upstream: Upstream, tmp_path: Path, redis_url: str) -> None:
     async for one, two in replicas(database_url, echo_upstream, tmp_path, redis_url):
         await one.add()
@@ -98,11 +100,21 @@ async def test_revoke_access_cuts_sessions_and_unused_links_on_every_replica_wit
         unused = (await mint(two)).replace(one.base, two.base)
         for replica in (one, two):  # both have the route cached, with the old nonce
             assert await status_with(replica, cookie) == 200
+        sessions = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        sockets = [await sessions.ws_connect(r.url("/w/echo/_echo/ws").replace("http", "ws"),
+                                             headers={"Cookie": cookie}) for r in (one, two)]
+        for sock in sockets:  # open, relayed sessions on both replicas
+            await sock.send_str("hi")
+            assert (await sock.receive(timeout=10)).data == "hi"
         async with client() as http, http.post(one.url("/api/v1/workspaces/echo/revoke-access"),
                                                headers=BEARER) as resp:
             assert resp.status == 200, await resp.text()
         for replica in (one, two):
             await wait_for(lambda r=replica, c=cookie: _refused(r, c), timeout=5)
+        for sock in sockets:  # and the open sockets were closed by the gateways
+            msg = await sock.receive(timeout=5)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+        await sessions.close()
         status, got, _ = await exchange(unused)
         assert (status, got) == (403, "")
         _, fresh, _ = await exchange((await mint(two)).replace(one.base, two.base))
