@@ -81,22 +81,20 @@ def _workspace_host(value: str) -> str | None:
     return None
 
 
-def _ip_networks(value: list[str]) -> str | None:
-    for cidr in value:
-        try:
-            ipaddress.ip_network(cidr)
-        except ValueError as exc:
-            return f"{cidr!r} is not an IP network: {exc}"
-    return None
+def _networks(parse: Callable[[str], object], what: str,
+              ) -> Callable[[list[str]], str | None]:
+    def check(value: list[str]) -> str | None:
+        for cidr in value:
+            try:
+                parse(cidr)
+            except ValueError as exc:
+                return f"{cidr!r} is not an {what} network: {exc}"
+        return None
+    return check
 
 
-def _ipv4_networks(value: list[str]) -> str | None:
-    for cidr in value:
-        try:
-            ipaddress.IPv4Network(cidr)
-        except ValueError as exc:
-            return f"{cidr!r} is not an IPv4 network: {exc}"
-    return None
+_ip_networks = _networks(ipaddress.ip_network, "IP")
+_ipv4_networks = _networks(ipaddress.IPv4Network, "IPv4")
 
 
 @dataclass(frozen=True, slots=True)
