@@ -115,3 +115,22 @@ def test_cli_exits_2_with_one_line_naming_the_key(tmp_path: Path, text: str,
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"CODEHUB_GATEWAY__WORKSPACE_HOST": "ws-{id}.example.com"}, "gateway.workspace_host"),
+    ({"CODEHUB_GATEWAY__WORKSPACE_HOST": "{id}.Example.com"}, "gateway.workspace_host"),
+    ({"CODEHUB_GATEWAY__WORKSPACE_HOST": "{id}.ws.example.com:99999",
+      "CODEHUB_SERVER__PUBLIC_URL": "https://example.com"}, "gateway.workspace_host"),
+    ({"CODEHUB_GATEWAY__WORKSPACE_HOST": "{id}.ws.example.com"}, "gateway.workspace_host"),
+    ({"CODEHUB_GATEWAY__TRUSTED_PROXIES": "10.0.0.0/8,not-a-net"}, "gateway.trusted_proxies"),
+])
+def test_workspace_origins_and_trusted_proxies_are_checked(env: dict[str, str], key: str,
+                                                           ) -> None:
+    # The fourth case is well formed but has no server.public_url to take the scheme from.
+    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
+        config.load(env=env)
+    good = {"CODEHUB_GATEWAY__WORKSPACE_HOST": "{id}.ws.localhost:8000",
+            "CODEHUB_SERVER__PUBLIC_URL": "http://localhost:8000",
+            "CODEHUB_GATEWAY__TRUSTED_PROXIES": "10.0.0.0/8,::1/128"}
+    assert config.load(env=good).gateway.workspace_host == "{id}.ws.localhost:8000"
