@@ -17,6 +17,24 @@ Guarantees:
   address; on loopback the API then answers only direct loopback clients (no
   Forwarded/X-Forwarded-For header, so a local reverse proxy does not open it to the
   world) and refuses everyone else with 403. The start-up log says which mode is in force.
+- No token configured, also: loopback alone does not stop a web page in the user's own
+  browser (CSRF: a cross-site "simple" POST needs no preflight; DNS rebinding: a hostile
+  name re-pointed at 127.0.0.1 lets the page read the answers). So every authenticated
+  route, whatever the method, refuses
+  - 403 `forbidden_host` a `Host` that is not a loopback name or address: `localhost`,
+    127.0.0.0/8 or `[::1]`, with or without a port (exactly one Host header). Not
+    `*.localhost`: browsers resolve those to loopback too, but workspace origins live
+    there (`{id}.ws.localhost`), and a workspace's page must not reach this API;
+  - 403 `cross_site` a request a browser says another origin sent: an `Origin` that is
+    not `scheme://Host` of the request itself (`null` included), or a `Sec-Fetch-Site`
+    other than `same-origin`/`none`. Also for GET: a cross-site page could not read the
+    answer anyway, but one rule for every method is simpler to trust;
+  - 415 `unsupported_media_type` a `Content-Type` other than `application/json`
+    (parameters such as charset allowed), and a body sent without a Content-Type. A
+    request with neither (the CLI's bodyless POSTs) is accepted.
+  Non-browser clients (the CLI, curl, scripts) send no Origin/Sec-Fetch-* and a loopback
+  Host, so they pass. With a token configured none of this applies: the bearer token is
+  the only rule (a browser never attaches it on its own).
 - Listing pages by id with an opaque keyset cursor (base64url of the last id): rows created
   or deleted while a client pages never make it see a row twice or miss one that existed
   throughout.
@@ -38,6 +56,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -230,14 +249,79 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def is_loopback_host_header(value: str) -> bool:
+    """True when a Host header names this machine's loopback: `localhost`, an address in
+    127.0.0.0/8 or `[::1]`, each with an optional port. Nothing a DNS server (and so a
+    rebinding attacker) answers for: no other name, not even `*.localhost`."""
+    host = value.strip().lower()
+    if host.startswith("["):
+        literal, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not (rest[:1] == ":" and _PORT.fullmatch(rest[1:]))):
+            return False
+        try:
+            return ipaddress.IPv6Address(literal).is_loopback
+        except ValueError:
+            return False
+    name, sep, port = host.partition(":")
+    if sep and _PORT.fullmatch(port) is None:
+        return False  # also an unbracketed IPv6 address
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.IPv4Address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _one(request: web.Request, name: str) -> str | None:
+    values = request.headers.getall(name, [])
+    if len(values) > 1:
+        raise ApiError(403, "cross_site" if name != "Host" else "forbidden_host",
+                       f"more than one {name} header")
+    return values[0] if values else None
+
+
+def _guard_tokenless(request: web.Request) -> None:
+    """The no-token mode's browser rules (module docstring): loopback Host, sent by no other
+    origin, JSON only."""
+    host = _one(request, "Host")
+    if host is None or not is_loopback_host_header(host):
+        raise ApiError(403, "forbidden_host",
+                       "no admin token is configured: the admin API answers only requests "
+                       "addressed to a loopback Host (localhost, 127.0.0.1, [::1]); got "
+                       f"{'none' if host is None else repr(host[:100])}")
+    origin = _one(request, "Origin")
+    own = f"{request.scheme}://{host.strip()}".lower()
+    if origin is not None and origin.strip().lower() != own:
+        raise ApiError(403, "cross_site",
+                       f"no admin token is configured: refusing a request sent by another "
+                       f"origin (Origin {origin[:100]!r}, this is {own[:100]!r})")
+    site = _one(request, "Sec-Fetch-Site")
+    if site is not None and site.strip().lower() not in ("same-origin", "none"):
+        raise ApiError(403, "cross_site",
+                       "no admin token is configured: refusing a request a browser sent "
+                       f"from another site (Sec-Fetch-Site {site[:40]!r})")
+    ctype = request.headers.get("Content-Type")
+    media = None if ctype is None else ctype.partition(";")[0].strip().lower()
+    if media != "application/json" and (ctype is not None or request.body_exists):
+        raise ApiError(415, "unsupported_media_type",
+                       "no admin token is configured: a request body must be sent as "
+                       "Content-Type: application/json"
+                       + ("" if ctype is None else f" (got {ctype[:100]!r})"))
+
+
 def _authenticate(request: web.Request, ctx: _Context) -> None:
     if not ctx.token_digests:
         proxied = "Forwarded" in request.headers or "X-Forwarded-For" in request.headers
-        if request.remote is not None and is_loopback(request.remote) and not proxied:
-            return
-        raise ApiError(403, "api_disabled",
-                       "no admin token is configured (auth.admin_tokens): the admin API "
-                       "only answers direct loopback clients")
+        if request.remote is None or not is_loopback(request.remote) or proxied:
+            raise ApiError(403, "api_disabled",
+                           "no admin token is configured (auth.admin_tokens): the admin "
+                           "API only answers direct loopback clients")
+        _guard_tokenless(request)
+        return
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     presented = presented.strip()
     if scheme.lower() != "bearer" or not presented:
@@ -499,22 +583,29 @@ _HOME_SIZE = Field("home_size_limit_mib",
 
 def _route(method: str, path: str, name: str, summary: str, handler: Any,
            ok: Sequence[Reply], *, conflict: str | None = None, **kw: Any) -> Route:
-    """A Route with the error replies its shape implies (400/401/403/404/409/413)."""
+    """A Route with the error replies its shape implies (400/401/403/404/409/413/415)."""
     replies = list(ok)
     has_input = bool(kw.get("path_params") or kw.get("query") or kw.get("body"))
     if has_input:
         replies.append(Reply(400, "Invalid parameter or body.", "Error"))
     if kw.get("auth", True):
         replies.append(Reply(401, "Missing or invalid admin token.", "Error"))
-        replies.append(Reply(403, "Admin API disabled: no token configured and the client "
-                             "is not a direct loopback client.", "Error"))
+        replies.append(Reply(403, "No token configured, and the client is not a direct "
+                             "loopback client (api_disabled), the Host is not a loopback "
+                             "name or address (forbidden_host), or a browser says another "
+                             "origin sent the request: Origin or Sec-Fetch-Site "
+                             "(cross_site).", "Error"))
     if kw.get("path_params"):
         replies.append(Reply(404, "No such workspace.", "Error"))
     if conflict:
         replies.append(Reply(409, conflict, "Error"))
     if kw.get("body"):
         replies.append(Reply(413, "Request body too large.", "Error"))
-    if kw.get("auth", True):  # every authenticated route reads the database
+    if kw.get("auth", True):
+        replies.append(Reply(415, "No token configured, and the request has a body or a "
+                             "Content-Type that is not application/json "
+                             "(unsupported_media_type).", "Error"))
+        # every authenticated route reads the database
         replies.append(Reply(503, "The database is unavailable; retry (Retry-After).",
                              "Error"))
     return Route(method, path, name, summary, handler, tuple(replies), **kw)
@@ -659,8 +750,12 @@ def _check_exposure(cfg: Config) -> None:
         return
     if is_loopback(cfg.server.host):
         log.warning("admin API: no auth.admin_tokens configured; server.host %s is loopback, "
-                    "so the API answers direct loopback clients without a token",
-                    cfg.server.host)
+                    "so the API answers direct loopback clients without a token, and only "
+                    "requests with a loopback Host (localhost, 127.0.0.0/8, [::1]; else 403 "
+                    "forbidden_host), sent by no other origin (Origin, Sec-Fetch-Site; else "
+                    "403 cross_site) and with JSON bodies only (else 415 "
+                    "unsupported_media_type): a web page cannot drive it (CSRF, DNS "
+                    "rebinding)", cfg.server.host)
         return
     log.error("admin API: no auth.admin_tokens configured and server.host %s is not "
               "loopback: refusing to start", cfg.server.host)
