@@ -72,6 +72,7 @@ from aiohttp import web
 from . import keys
 from .config import Config, ConfigError
 from .gateway import auth as gateway_auth
+from .gateway.origins import Origins
 from .metrics import API_REQUESTS
 from .model import DesiredState, Operation, Status, Workspace
 from .openapi import (
@@ -176,6 +177,7 @@ class _Context:
     config: Config
     token_digests: tuple[bytes, ...]
     doc: bytes
+    origins: Origins
     signing_keys: gateway_auth.SigningKeys | None = None  # loaded on first use
 
 
@@ -553,12 +555,22 @@ async def create_access_link(request: web.Request, args: Args) -> web.Response:
     if ctx.signing_keys is None:
         ctx.signing_keys = gateway_auth.load_keys(ctx.config)
     ttl = args.body.get("ttl_seconds") or ctx.config.auth.link_ttl
-    token = gateway_auth.mint_access_link(ctx.signing_keys, ws.id, ttl, time.time())
-    base = ctx.config.server.public_url.rstrip("/") or str(request.url.origin())
+    token = gateway_auth.mint_access_link(ctx.signing_keys, ws.id, ws.access_nonce, ttl,
+                                          time.time())
     expires = datetime.fromtimestamp(gateway_auth.link_expiry(token), UTC)
-    log.info("api: access link minted for workspace %s (valid %ds)", ws.id, ttl)
-    return _json({"url": base + gateway_auth.link_path(ws.id, token),
+    log.info("api: access link minted for workspace %s (valid %ds, once)", ws.id, ttl)
+    return _json({"url": ctx.origins.access_url(ws.id, token, str(request.url.origin())),
                   "expires_at": _iso(expires)}, 201)
+
+
+async def revoke_access(request: web.Request, args: Args) -> web.Response:
+    ws = await _store(request).revoke_access(args.path["id"])
+    if ws is None:
+        raise ApiError(404, "not_found", f"no workspace {args.path['id']}")
+    log.info("api: access to workspace %s revoked: every link and cookie made before is "
+             "refused", ws.id)
+    await _changed(request, ws.id)
+    return _json(workspace_json(ws, _ctx(request).config))
 
 
 async def openapi_json(request: web.Request, args: Args) -> web.Response:
@@ -678,6 +690,11 @@ ROUTES: tuple[Route, ...] = (
                                             "maximum": LINK_TTL_MAX},
                             "Seconds the link stays valid; default auth.link_ttl."),),
                      "Optional options.", optional=True)),
+    _route("POST", "/workspaces/{id}/revoke-access", "revokeAccess",
+           "Invalidate every access link and cookie of the workspace", revoke_access,
+           [Reply(200, "Revoked: every gateway refuses the earlier links and cookies once "
+                  "it has the hint (or at the latest after gateway.route_ttl).",
+                  "Workspace")], path_params=(_ID_PARAM,)),
     _route("GET", "/openapi.json", "getOpenApi", "This document (no token needed)",
            openapi_json, [Reply(200, "The OpenAPI 3.1 document.")], auth=False),
 )
@@ -774,7 +791,8 @@ def setup(app: web.Application) -> None:
     api = web.Application(middlewares=[_errors])
     api[_CTX] = _Context(
         config=cfg, token_digests=tuple(token_digest(t) for t in cfg.auth.admin_tokens),
-        doc=orjson.dumps(build_document()))
+        doc=orjson.dumps(build_document()),
+        origins=Origins(cfg.server.public_url, cfg.gateway.workspace_host))
     for route in ROUTES:
         api.router.add_route(route.method, route.path, _bind(route), name=route.name)
     app.add_subapp(PREFIX, api)
