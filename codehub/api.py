@@ -25,10 +25,11 @@ Guarantees:
     127.0.0.0/8 or `[::1]`, with or without a port (exactly one Host header). Not
     `*.localhost`: browsers resolve those to loopback too, but workspace origins live
     there (`{id}.ws.localhost`), and a workspace's page must not reach this API;
-  - 403 `cross_site` a request a browser says another origin sent: an `Origin` that is
-    not `scheme://Host` of the request itself (`null` included), or a `Sec-Fetch-Site`
-    other than `same-origin`/`none`. Also for GET: a cross-site page could not read the
-    answer anyway, but one rule for every method is simpler to trust;
+  - 403 `cross_site` a request a web page sent: any `Origin`, or a `Sec-Fetch-Site`
+    other than `none` (an address typed by the user). Not even the API's own origin is
+    let in: in path mode it also serves every workspace's pages. Also for GET: a
+    cross-site page could not read the answer anyway, but one rule for every method is
+    simpler to trust;
   - 415 `unsupported_media_type` a `Content-Type` other than `application/json`
     (parameters such as charset allowed), and a body sent without a Content-Type. A
     request with neither (the CLI's bodyless POSTs) is accepted.
@@ -295,17 +296,19 @@ def _guard_tokenless(request: web.Request) -> None:
                        "no admin token is configured: the admin API answers only requests "
                        "addressed to a loopback Host (localhost, 127.0.0.1, [::1]); got "
                        f"{'none' if host is None else repr(host[:100])}")
+    # No web page has any business calling the API without a token, not even one of the
+    # API's own origin: in path mode that origin also serves every workspace's pages.
     origin = _one(request, "Origin")
-    own = f"{request.scheme}://{host.strip()}".lower()
-    if origin is not None and origin.strip().lower() != own:
+    if origin is not None:
         raise ApiError(403, "cross_site",
-                       f"no admin token is configured: refusing a request sent by another "
-                       f"origin (Origin {origin[:100]!r}, this is {own[:100]!r})")
+                       "no admin token is configured: refusing a request a web page sent "
+                       f"(Origin {origin[:100]!r}); use the CLI or curl, or configure a token")
     site = _one(request, "Sec-Fetch-Site")
-    if site is not None and site.strip().lower() not in ("same-origin", "none"):
+    if site is not None and site.strip().lower() != "none":
         raise ApiError(403, "cross_site",
-                       "no admin token is configured: refusing a request a browser sent "
-                       f"from another site (Sec-Fetch-Site {site[:40]!r})")
+                       "no admin token is configured: refusing a request a web page sent "
+                       f"(Sec-Fetch-Site {site[:40]!r}); use the CLI or curl, or configure "
+                       "a token")
     ctype = request.headers.get("Content-Type")
     media = None if ctype is None else ctype.partition(";")[0].strip().lower()
     if media != "application/json" and (ctype is not None or request.body_exists):
@@ -604,8 +607,8 @@ def _route(method: str, path: str, name: str, summary: str, handler: Any,
         replies.append(Reply(401, "Missing or invalid admin token.", "Error"))
         replies.append(Reply(403, "No token configured, and the client is not a direct "
                              "loopback client (api_disabled), the Host is not a loopback "
-                             "name or address (forbidden_host), or a browser says another "
-                             "origin sent the request: Origin or Sec-Fetch-Site "
+                             "name or address (forbidden_host), or a web page sent the "
+                             "request: Origin, or Sec-Fetch-Site other than none "
                              "(cross_site).", "Error"))
     if kw.get("path_params"):
         replies.append(Reply(404, "No such workspace.", "Error"))
@@ -769,8 +772,8 @@ def _check_exposure(cfg: Config) -> None:
         log.warning("admin API: no auth.admin_tokens configured; server.host %s is loopback, "
                     "so the API answers direct loopback clients without a token, and only "
                     "requests with a loopback Host (localhost, 127.0.0.0/8, [::1]; else 403 "
-                    "forbidden_host), sent by no other origin (Origin, Sec-Fetch-Site; else "
-                    "403 cross_site) and with JSON bodies only (else 415 "
+                    "forbidden_host), sent by no web page (no Origin, Sec-Fetch-Site at most "
+                    "none; else 403 cross_site) and with JSON bodies only (else 415 "
                     "unsupported_media_type): a web page cannot drive it (CSRF, DNS "
                     "rebinding)", cfg.server.host)
         return

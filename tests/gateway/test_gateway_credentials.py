@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-
 from gateway_support import ADMIN_TOKEN, Stack, Upstream, client, open_stack, wait_for
 
 from codehub.gateway import auth
