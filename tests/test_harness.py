@@ -18,6 +18,7 @@ import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+import yarl
 from botocore.exceptions import ClientError
 from harness import images, services
 
@@ -204,6 +205,55 @@ async def test_echo_websocket_echoes_any_size_and_propagates_close_codes(
     async with http.ws_connect(f"{echo_url}/_echo/ws") as ws:
         await ws.close(code=4321)
         assert ws.close_code == 4321  # the code the server answered with
+
+
+WRITE_FILE = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, \
+exist_ok=True); p.write_text(sys.argv[2])"
+
+
+async def test_echo_serves_home_files_with_asked_headers_and_logs_every_request(
+    echo_url: str, http: aiohttp.ClientSession, docker_engine: services.DockerEngine,
+    docker_prefix: str,
+) -> None:
+    name = f"{docker_prefix}-echo"
+    for path, text in (("/home/coder/site/page.html", "<p>hi</p>"),
+                       ("/home/coder/site/sw.js", "self.x = 1;"),
+                       ("/tmp/outside.txt", "secret")):
+        docker(docker_engine, "exec", name, "python3", "-c", WRITE_FILE, path, text)
+    docker(docker_engine, "exec", name, "ln", "-s", "/tmp/outside.txt", "/home/coder/link")
+
+    async with http.get(f"{echo_url}/_echo/home/site/page.html") as resp:
+        assert resp.status == 200 and resp.content_type == "text/html"
+        assert await resp.text() == "<p>hi</p>"
+    async with http.get(f"{echo_url}/_echo/home/site/sw.js",
+                        params=[("Service-Worker-Allowed", "/"), ("X-A", "1"),
+                                ("content-length", "1")]) as resp:
+        assert resp.status == 200 and "javascript" in resp.content_type
+        assert resp.headers["Service-Worker-Allowed"] == "/" and resp.headers["X-A"] == "1"
+        assert await resp.text() == "self.x = 1;"  # framing headers are not taken from the query
+    async with http.get(f"{echo_url}/_echo/home/site/page.html?content-type=text/plain") as resp:
+        assert resp.content_type == "text/plain"
+    async with http.head(f"{echo_url}/_echo/home/site/page.html") as resp:
+        assert resp.status == 200 and resp.headers["Content-Length"] == "9"
+    # (dot segments percent-encoded, so that the client sends them as they are)
+    for bad in ("missing.txt", "site", "site/%2E%2E/site/page.html", "site//page.html",
+                "%2Ftmp/outside.txt", "link", "", "%2E/site/page.html"):
+        async with http.get(yarl.URL(f"{echo_url}/_echo/home/{bad}", encoded=True)) as resp:
+            assert resp.status == 404, bad
+            assert await resp.json() == {"error": "not found"}
+
+    # The log: every request but /healthz and /_echo/requests, upgrades included.
+    async with http.post(f"{echo_url}/logged/post?x=1", data=b"body"):
+        pass
+    async with http.ws_connect(f"{echo_url}/_echo/ws?log=1") as ws:
+        await ws.close()
+    async with http.get(f"{echo_url}/healthz"):
+        pass
+    async with http.get(f"{echo_url}/_echo/requests") as resp:
+        logged = (await resp.json())["requests"]
+    assert logged[-2:] == [["POST", "/logged/post?x=1"], ["GET", "/_echo/ws?log=1"]]
+    assert ["GET", "/_echo/home/site/page.html"] in logged
+    assert not any(path.startswith(("/healthz", "/_echo/requests")) for _m, path in logged)
 
 
 async def test_cached_images_are_reused_without_a_build(

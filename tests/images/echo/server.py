@@ -33,6 +33,20 @@ Behaviour the proxy tests assert on
 - ``GET /_echo/info``: 200 JSON ``{"argv", "uid", "gid", "home", "cwd", "env",
   "max_rss_kb"}`` of the server process (max_rss_kb: its peak resident memory, which shows
   that bodies are streamed).
+- ``GET /_echo/home/<relative path>?name=value&...``: the file at that path under the
+  server's ``$HOME`` (the user's own files, as code-server's static serving would show
+  them), 200 with Content-Type guessed from the extension (``mimetypes``; unknown:
+  ``application/octet-stream``) and Content-Length; each query pair is added as a response
+  header as ``/_echo/headers`` does (a ``content-type`` pair replaces the guessed type), so
+  ``sw.js?Service-Worker-Allowed=/`` serves a script with that header. The path is the
+  percent-decoded one; an empty path, an absolute one, one with a ``..``, ``.`` or empty
+  segment or a NUL, or one that is not a regular file (missing, a directory, or resolving
+  outside ``$HOME`` through a symlink) is 404 ``{"error": "not found"}``. Meant for small
+  files (read whole).
+- ``GET /_echo/requests``: 200 JSON ``{"requests": [[method, raw_path], ...]}``, every
+  request this process received, oldest first (the latest 1000), WebSocket upgrades
+  included, other than ``/healthz`` and ``/_echo/requests`` itself: shows whether a
+  request ever reached the workspace.
 - HEAD on any of the above: the same status and headers, no body.
 - Responses carry only Content-Type, Content-Length (or Transfer-Encoding) and the headers
   asked for; ``Connection: close`` when the client asked for it or spoke HTTP/1.0.
@@ -58,13 +72,16 @@ import contextlib
 import hashlib
 import http
 import json
+import mimetypes
 import os
 import resource
 import signal
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -72,12 +89,16 @@ PATTERN_BLOCK = bytes(range(256)) * 256  # 64 KiB; a multiple of 256 keeps the p
 READ_SIZE = 256 * 1024
 HEADER_LIMIT = 256 * 1024
 MAX_SLOW_SECONDS = 600.0
+FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+HOME_PREFIX = "/_echo/home/"
+REQUEST_LOG_SIZE = 1000
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 Headers = list[tuple[str, str]]
 
 _last_heartbeat_ms = int(time.time() * 1000)
+_request_log: deque[tuple[str, str]] = deque(maxlen=REQUEST_LOG_SIZE)
 
 
 def _touch() -> None:
@@ -283,6 +304,40 @@ async def handle_download(req: Request, writer: asyncio.StreamWriter) -> None:
         await writer.drain()
 
 
+def home_file(relative: str) -> Path | None:
+    """The regular file at `relative` under $HOME, or None (see GET /_echo/home/)."""
+    home = os.environ.get("HOME")
+    segments = relative.split("/")
+    if (not home or not relative or relative.startswith("/") or "\0" in relative
+            or any(seg in ("", ".", "..") for seg in segments)):
+        return None
+    root = Path(home).resolve()
+    try:
+        target = root.joinpath(*segments).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    return target
+
+
+async def handle_home_file(req: Request, writer: asyncio.StreamWriter, relative: str) -> None:
+    target = home_file(relative)
+    try:
+        body = target.read_bytes() if target is not None else None
+    except OSError:
+        body = None
+    if target is None or body is None:
+        await send_simple(req, writer, 404, _json({"error": "not found"}))
+        return
+    chosen = [(k, v) for k, v in req.query if k.lower() not in FRAMING]
+    content_type = next((v for k, v in chosen if k.lower() == "content-type"), None)
+    if content_type is None:
+        content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    extra = [(k, v) for k, v in chosen if k.lower() != "content-type"]
+    await send_simple(req, writer, 200, body, content_type=content_type, extra=extra)
+
+
 async def handle_echo_paths(req: Request, writer: asyncio.StreamWriter) -> bool:
     """Answer one of the /_echo/ endpoints; False if the path is not one of them."""
     path = req.path
@@ -298,8 +353,7 @@ async def handle_echo_paths(req: Request, writer: asyncio.StreamWriter) -> bool:
         else:
             await send_simple(req, writer, code, _json({"status": code}))
     elif path == "/_echo/headers":
-        framing = {"content-length", "transfer-encoding", "connection"}
-        chosen = [(k, v) for k, v in req.query if k.lower() not in framing]
+        chosen = [(k, v) for k, v in req.query if k.lower() not in FRAMING]
         body = _json({"headers": [list(pair) for pair in chosen]})
         await send_simple(req, writer, 200, body, extra=chosen)
     elif path == "/_echo/slow":
@@ -320,6 +374,11 @@ async def handle_echo_paths(req: Request, writer: asyncio.StreamWriter) -> bool:
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
         await send_simple(req, writer, 200, _json(info))
+    elif path.startswith(HOME_PREFIX):
+        await handle_home_file(req, writer, path[len(HOME_PREFIX):])
+    elif path == "/_echo/requests":
+        await send_simple(req, writer, 200,
+                          _json({"requests": [list(pair) for pair in _request_log]}))
     else:
         return False
     return True
@@ -339,6 +398,8 @@ async def handle_http(
         await send_simple(req, writer, 200, body)
         return req.keep_alive
     _touch()
+    if req.path != "/_echo/requests":
+        _request_log.append((req.method, req.raw_path))
     if req.path == "/_echo/close-early" and req.method in ("GET", "HEAD"):
         await send_head(
             writer,
@@ -543,6 +604,7 @@ async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
                 return
             if _is_upgrade(req):
                 _touch()
+                _request_log.append((req.method, req.raw_path))
                 await handle_websocket(req, reader, writer)
                 return
             if not await handle_http(req, reader, writer):
