@@ -1,4 +1,6 @@
-"""Real code-server (VS Code in the browser) behind the gateway, in headless chromium.
+"""Real code-server (VS Code in the browser) behind the gateway, in headless chromium: under
+/w/{id}/ (path mode), and at a workspace origin of its own (host mode, {id}.ws.localhost,
+which chromium resolves to loopback), woken from WARM by its access link.
 
 The image is built by scripts/build-code-server-image (code-server from npm, cached in
 build/ and as a Docker tag: a second run takes about a second). When it cannot be built on
@@ -10,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from gateway_support import Stack, start_workspace_container, wait_for
-from test_gateway_browser import ARTIFACTS, browser_page, mint
+from gateway_support import Stack, Upstream, open_stack, start_workspace_container, wait_for
+from harness.services import free_port
+from test_gateway_browser import ARTIFACTS, browser_page, mint, real_reconciler
 
-from codehub.model import DesiredState, Status
+from codehub.config import ServerConfig
+from codehub.model import DesiredState, Operation, Status
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,3 +76,71 @@ async def test_code_server_workbench_loads_and_its_websocket_connects(
             return row is not None and row.last_access_at > long_ago + timedelta(hours=1)
 
         await wait_for(marked)
+
+
+@pytest.fixture
+async def hosted(database_url: str, echo_upstream: Upstream, tmp_path: Path,
+                 ) -> AsyncIterator[Stack]:
+    """The gateway in host mode: each workspace at http://{id}.ws.localhost:<port>/."""
+    port = free_port()
+    async for stack in open_stack(
+            database_url, echo_upstream, tmp_path, port=port,
+            server=ServerConfig(public_url=f"http://localhost:{port}"),
+            workspace_host=f"{{id}}.ws.localhost:{port}"):
+        yield stack
+
+
+@pytest.mark.timeout(2400)
+async def test_code_server_at_its_own_origin_wakes_from_warm_and_its_websocket_connects(
+        hosted: Stack, code_server_image: str, tmp_path: Path) -> None:
+    stack = hosted
+    origin = stack.gw.origins.workspace_origin("csh")
+    assert origin.startswith("http://csh.ws.localhost:")
+    async with real_reconciler(stack, tmp_path):
+        # A real WARM workspace of the code-server image: provisioned by the reconciler,
+        # no container until the link wakes it.
+        await stack.store.create(id="csh", owner="tester", image_ref=code_server_image,
+                                 desired_state=DesiredState.WARM)
+        await stack.hints.publish("csh")
+
+        async def warm() -> bool:
+            row = await stack.store.get("csh")
+            return (row is not None and row.status is Status.WARM
+                    and row.operation is Operation.NONE)
+
+        await wait_for(warm, timeout=120)
+        link = await mint(stack, "csh")
+        assert link.startswith(origin + "/?access="), link
+        sockets: list[object] = []
+        frames: list[int] = []
+        async with browser_page() as page:
+            def on_socket(ws: object) -> None:
+                sockets.append(ws)
+                ws.on("framereceived", lambda payload: frames.append(len(payload)))  # type: ignore[attr-defined]
+
+            page.on("websocket", on_socket)  # type: ignore[attr-defined]
+            response = await page.goto(link)  # type: ignore[attr-defined]
+            assert response.status == 200
+            # The loading page, at the root of the workspace's origin (token gone) ...
+            assert page.url.startswith(origin + "/") and "access=" not in page.url  # type: ignore[attr-defined]
+            await page.wait_for_selector("#status-text")  # type: ignore[attr-defined]
+            row = await stack.store.get("csh")
+            assert row is not None and row.desired_state is DesiredState.RUNNING
+            # ... reloads onto the workbench once the container runs and answers.
+            await page.wait_for_selector(".monaco-workbench", timeout=300_000)  # type: ignore[attr-defined]
+            assert page.url.startswith(origin + "/")  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 60
+            while not frames and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            ARTIFACTS.mkdir(exist_ok=True)
+            await asyncio.sleep(2)  # let the workbench paint its parts for the screenshot
+            await page.screenshot(path=str(ARTIFACTS / "code-server-host-mode.png"))  # type: ignore[attr-defined]
+            urls = [ws.url for ws in sockets]  # type: ignore[attr-defined]
+            ws_origin = origin.replace("http://", "ws://") + "/"
+            assert urls and all(u.startswith(ws_origin) for u in urls), urls
+            assert frames, "the workbench's WebSocket received nothing"
+            text = await page.inner_text("body")  # type: ignore[attr-defined]
+            assert "Cannot reconnect" not in text
+            assert stack.gw.activity.sockets.get("csh", 0) >= 1, stack.gw.activity.sockets
+            row = await stack.store.get("csh")
+            assert row is not None and row.status is Status.RUNNING
