@@ -9,8 +9,11 @@ metadata stand-in at 169.254.169.254 and a "public" host in TEST-NET-3). Each is
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import random
+import re
 import socket
 import subprocess
 import threading
@@ -207,19 +210,61 @@ class NetnsHosts:
 
 def netns_test_hosts() -> Iterator[NetnsHosts]:
     """The three namespace hosts (a generator for a fixture), at random addresses where
-    the range allows, so two runs on one machine do not collide."""
-    k = random.randrange(1, 63)
+    the range allows, so two runs on one machine do not collide, and never on a subnet
+    holding an address this machine already uses (its registries' proxy may well sit in
+    TEST-NET-3: a /30 over it would cut the run off from it)."""
+    in_use = addresses_in_use()
     made: list[NetnsHost] = []
     try:
-        made.append(_private_host())
+        made.append(make_netns_host(*_free_slash30("10.231.{}.{}", range(256), in_use)))
         made.append(make_netns_host("169.254.169.254", "169.254.169.253", 30))
-        made.append(make_netns_host(f"203.0.113.{4 * k + 2}", f"203.0.113.{4 * k + 1}", 30))
+        made.append(make_netns_host(*_free_slash30("203.0.113.{}", range(1, 63), in_use)))
         yield NetnsHosts(*made)
     finally:
         for host in made:
             remove_netns_host(host)
 
 
-def _private_host() -> NetnsHost:
-    third = random.randrange(256)
-    return make_netns_host(f"10.231.{third}.2", f"10.231.{third}.1", 30)
+# Names whose addresses a run needs to keep reaching (the package registries, used by
+# scripts/build-gateway-image and the benches' installs, resolve here to a proxy).
+NEEDED_HOSTS = ("pypi.org", "files.pythonhosted.org", "deb.debian.org", "registry.npmjs.org")
+
+
+def addresses_in_use() -> set[ipaddress.IPv4Address]:
+    """IPv4 addresses this machine talks to or holds: the resolvers, the registries'
+    addresses, every address and route gateway of its interfaces."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError), open("/etc/resolv.conf") as conf:
+        found.update(m for line in conf for m in re.findall(r"^nameserver\s+(\S+)", line))
+    for name in NEEDED_HOSTS:
+        with contextlib.suppress(OSError):
+            found.update(str(info[4][0]) for info in socket.getaddrinfo(name, None, socket.AF_INET))
+    for cmd in (["ip", "-4", "-o", "addr"], ["ip", "-4", "route"]):
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        found.update(re.findall(r"(?:inet|via|src)\s+(\d+\.\d+\.\d+\.\d+)", out))
+    addresses = set()
+    for text in found:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if isinstance(address, ipaddress.IPv4Address):
+            addresses.add(address)
+    return addresses
+
+
+def _free_slash30(pattern: str, choices: range,
+                  in_use: set[ipaddress.IPv4Address]) -> tuple[str, str]:
+    """(address, peer) of a random /30 from `pattern` ("a.b.{}.{}" takes a third octet
+    and the host's last one; "a.b.c.{}" the /30's index) that holds no address in use."""
+    options = list(choices)
+    random.shuffle(options)
+    for n in options:
+        if pattern.count("{}") == 2:
+            base = ipaddress.ip_address(pattern.format(n, 0))
+        else:
+            base = ipaddress.ip_address(pattern.format(4 * n))
+        net = ipaddress.ip_network(f"{base}/30")
+        if not any(address in net for address in in_use):
+            return str(base + 2), str(base + 1)
+    raise RuntimeError(f"no free /30 in {pattern} (in use: {sorted(in_use)})")
