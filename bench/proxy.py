@@ -17,6 +17,9 @@ comparable with each other (the machine is shared: read ratios, not absolutes):
   each run, divided by the requests wrk counted.
 - idle WebSocket memory: --idle sockets held open through CodeHub to a local echo
   server, gateway RSS measured before and after.
+- --baseline REV: CodeHub's gateway as of commit REV (exported with `git archive`, run
+  with its own bench child and its own cookie) is measured as one more target, interleaved
+  with the others, so the cost of a change reads as a ratio within one run.
 Every loop is bounded by --duration or a count; all children are stopped at the end.
 """
 
@@ -212,6 +215,52 @@ def start_chp(children: Children, port: int, http_port: int, ws_port: int) -> in
 
 def start_python_child(children: Children, *args: str) -> int:
     proc = children.start([sys.executable, __file__, *args])
+    return proc.pid
+
+
+# The cookie of a tree's own auth module (its mint_cookie took no nonce before workspaces
+# had one), printed by a child that imports that tree.
+MINT = """
+import inspect, sys, time
+from codehub.gateway import auth
+keys = auth.SigningKeys((sys.argv[1].encode(),))
+args = [keys, sys.argv[2]]
+if "nonce" in inspect.signature(auth.mint_cookie).parameters:
+    args.append(sys.argv[3])
+print(auth.COOKIE_NAME + "=" + auth.mint_cookie(*args, 86400, time.time()))
+"""
+
+
+def export_tree(rev: str, into: Path) -> Path:
+    """The files of commit `rev` under `into` (no checkout, no worktree bookkeeping)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    # PYTHONPATH comes before the venv's editable install of this checkout on sys.path.
+    return {**os.environ, "PYTHONPATH": str(tree)}
+
+
+def tree_cookie(tree: Path, workspace_id: str) -> str:
+    out = subprocess.run([sys.executable, "-c", MINT, SIGNING_KEY, workspace_id, BENCH_NONCE],
+                         env=tree_env(tree), cwd=tree, check=True, capture_output=True,
+                         text=True).stdout
+    return out.strip()
+
+
+def start_tree_codehub(children: Children, tree: Path, port: int,
+                       routes: dict[str, int]) -> int:
+    """The bench's CodeHub child, from another tree's bench/proxy.py and code."""
+    check = subprocess.run([sys.executable, "-c", "import codehub; print(codehub.__file__)"],
+                           env=tree_env(tree), cwd=tree, check=True, capture_output=True,
+                           text=True).stdout
+    assert check.strip().startswith(str(tree)), f"baseline imports {check.strip()}"
+    proc = children.start([sys.executable, str(tree / "bench" / "proxy.py"), "--serve-codehub",
+                           str(port), json.dumps(routes)], env=tree_env(tree), cwd=tree)
     return proc.pid
 
 
@@ -441,16 +490,26 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, object]]:
         nginx_port, chp_port, hub_port = free_port(), free_port(), free_port()
         nginx_pid = start_nginx_proxy(children, tmp, nginx_port, http_port, ws_port)
         chp_pid = start_chp(children, chp_port, http_port, ws_port)
+        routes = {"bench-http": http_port, "bench-ws": ws_port}
         hub_pid = start_python_child(children, "--serve-codehub", str(hub_port),
-                                     json.dumps({"bench-http": http_port, "bench-ws": ws_port}))
+                                     json.dumps(routes))
+        extra: list[tuple[str, int, int]] = []
+        cookies: dict[str, tuple[str, str]] = {}
+        if args.baseline:
+            tree = export_tree(args.baseline, tmp / "baseline")
+            base_port = free_port()
+            name = f"codehub@{args.baseline}"
+            extra.append((name, base_port, start_tree_codehub(children, tree, base_port, routes)))
+            cookies[name] = (tree_cookie(tree, "bench-http"), tree_cookie(tree, "bench-ws"))
+            wait_port(base_port)
         floor_port = free_port()
         floor_pid = start_python_child(children, "--serve-floor", str(floor_port))
         wait_port(hub_port)
         wait_port(floor_port)
         yield {"http_port": http_port, "ws_port": ws_port, "ws_pid": ws_pid,
                "targets": [("direct", None, None), ("nginx", nginx_port, nginx_pid),
-                           ("chp", chp_port, chp_pid), ("codehub", hub_port, hub_pid)],
-               "floor": ("aiohttp floor", floor_port, floor_pid),
+                           ("chp", chp_port, chp_pid), ("codehub", hub_port, hub_pid), *extra],
+               "cookies": cookies, "floor": ("aiohttp floor", floor_port, floor_pid),
                "hub_pid": hub_pid, "hub_port": hub_port}
     finally:
         children.stop()
@@ -480,6 +539,8 @@ def main() -> None:
                         help="rounds over all targets; each figure is the median")
     parser.add_argument("--serve-ws-echo", help=argparse.SUPPRESS)
     parser.add_argument("--serve-floor", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure the gateway as of this git commit")
     args = parser.parse_args()
     if args.serve_codehub:
         serve_codehub(int(args.serve_codehub[0]), json.loads(args.serve_codehub[1]))
@@ -515,19 +576,22 @@ def main() -> None:
         assert isinstance(floor, tuple)
         # Rounds interleave the targets, so a burst of load from elsewhere on the machine
         # hits all of them alike; each figure is the median over the rounds.
+        own = env["cookies"]
+        assert isinstance(own, dict)
         for rnd in range(args.rounds):
             for name, port, pid in targets:
                 r = samples.setdefault(name, {})
+                c, wc = own.get(name, (cookie, ws_cookie))
                 r.setdefault("small", []).append(
-                    wrk(http_url(env, port, "small"), args.connections, d, cookie, pid))
+                    wrk(http_url(env, port, "small"), args.connections, d, c, pid))
                 r.setdefault("big", []).append(
-                    wrk(http_url(env, port, "big"), 8, d, cookie, pid))
+                    wrk(http_url(env, port, "big"), 8, d, c, pid))
                 r.setdefault("lat1", []).append(
-                    wrk(http_url(env, port, "small"), 1, d, cookie, pid))
+                    wrk(http_url(env, port, "small"), 1, d, c, pid))
                 r.setdefault("ws_big", []).append(asyncio.run(ws_load(
-                    ws_url(env, port), ws_cookie, BIG, args.ws_connections, d, pid)))
+                    ws_url(env, port), wc, BIG, args.ws_connections, d, pid)))
                 r.setdefault("ws_small", []).append(asyncio.run(ws_load(
-                    ws_url(env, port), ws_cookie, 100, 16, d, pid)))
+                    ws_url(env, port), wc, 100, 16, d, pid)))
             name, port, pid = floor
             r = samples.setdefault(name, {})
             r.setdefault("small", []).append(
@@ -609,6 +673,14 @@ def report(results: dict[str, dict[str, object]], idle: tuple[int, float] | None
         per = idle[0] / args.idle
         row(f"gateway memory per idle relayed WebSocket ({args.idle} held)", "<= 32 KiB",
             f"{per / 1024:.1f} KiB", per <= 32 * 1024)
+    for name in results:
+        if name.startswith("codehub@"):
+            now, then = g(hub, "small"), g(name, "small")
+            print(f"\nThis tree against {name}, same run: small req/s {now.rps / then.rps:.3f}x, "
+                  f"CPU per small request {now.cpu_us_per_req / then.cpu_us_per_req:.3f}x, "  # type: ignore[operator]
+                  f"1 MiB req/s {g(hub, 'big').rps / g(name, 'big').rps:.3f}x, "
+                  f"p50 @1 conn {g(hub, 'lat1').p50_us - g(name, 'lat1').p50_us:+.0f} us, "
+                  f"WS 100 B rt/s {w(hub, 'ws_small')[0] / w(name, 'ws_small')[0]:.3f}x.")
     fl = g("aiohttp floor", "small")
     print(f"\nReference, same run: a bare aiohttp server answering 100 bytes itself (no "
           f"proxying) serves {fl.rps:.0f} req/s at {fl.cpu_us_per_req:.0f} us CPU per request, "
