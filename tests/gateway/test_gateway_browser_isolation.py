@@ -236,7 +236,9 @@ async def attack(stack: Stack, mode: Mode) -> Outcome:
         "sw_plain": "sw.js",
         "b_echo": b_root + f"echo-me?{mark}own_echo",
         "run": mode.run,
-        "toss": "; domain=ws.localhost; path=/" if mode.host_mode else f"; path=/w/{A}/",
+        # Path=<A's root>after: sent before A's own cookie (Path=<A's root>) to A's after
+        "toss": ("; domain=ws.localhost; path=/after" if mode.host_mode
+                 else f"; path=/w/{A}/after"),
     }
     page_url = b_root + "_echo/home/attack.html#" + json.dumps(cfg)
     requests: list[playwright_api.Request] = []
@@ -278,10 +280,11 @@ async def attack(stack: Stack, mode: Mode) -> Outcome:
                                      f"{response.headers}, {await page.content()}") from None
             results = await page.evaluate("window.__results")
             # The user opens A again, after B's page ran.
-            response = await page.goto(a_root + f"?{mark}after")
+            response = await page.goto(a_root + f"after?{mark}after")
             assert response is not None
             results["after"] = {"status": response.status,
-                                "body": await page.inner_text("body")}
+                                "body": await page.inner_text("body"),
+                                "sent": await response.request.header_value("cookie")}
             jar_for_b, jar = await context.cookies([b_root]), await context.cookies()
             sent_to_b, sent_to_a = [], []
             for req in requests:
@@ -304,14 +307,18 @@ def reached(outcome: Outcome, mode: Mode, attempt: str) -> list[tuple[str, str]]
 
 
 def cookies_at_a_after_b(outcome: Outcome, mode: Mode) -> list[str]:
-    """6: what reaches A's workspace when the user opens A after B's page set cookies for
-    it: A's session survives B's `codehub_ws=tossed` (stripped with CodeHub's own), and
-    the other cookies, as the browser sent them, are returned (a workspace's own cookies
-    are not CodeHub's to filter)."""
+    """6: what reaches A's workspace when the user opens A's /after after B's page set
+    cookies for it: A's session survives B's `codehub_ws=tossed`, which the browser sends
+    first (its Path is longer) and the gateway strips with CodeHub's own; the other
+    cookies, as the browser sent them, are returned (a workspace's own cookies are not
+    CodeHub's to filter)."""
     after = outcome.results["after"]
+    sent = after["sent"].split("; ")
+    own = f"{auth.COOKIE_NAME}={outcome.cookies[A]}"
+    assert own in sent and sent.index(f"{auth.COOKIE_NAME}=tossed") < sent.index(own), sent
     assert after["status"] == 200, after
     echo = json.loads(after["body"])
-    assert echo["raw_path"] == f"/?attack={mode.run}-after"
+    assert echo["raw_path"] == f"/after?attack={mode.run}-after"
     headers = [v for k, v in echo["headers"] if k.lower() == "cookie"]
     assert len(headers) == 1, headers
     return sorted(headers[0].split("; "))
@@ -322,6 +329,13 @@ def gateway_cookies(jar: list[dict[str, Any]], where: str = "domain") -> list[tu
     ones B's script set) in `jar`."""
     return [(c[where], c["value"]) for c in jar
             if c["name"] == auth.COOKIE_NAME and c["httpOnly"]]
+
+
+def planted_codehub_cookies(outcome: Outcome) -> list[tuple[str, str, str]]:
+    """(domain, path, value) of the cookies named like CodeHub's that the browser holds
+    but the gateway did not set (not HttpOnly)."""
+    return [(c["domain"], c["path"], c["value"]) for c in outcome.jar
+            if c["name"] == auth.COOKIE_NAME and not c["httpOnly"]]
 
 
 def no_codehub_cookie_reached_b(outcome: Outcome) -> None:
@@ -366,8 +380,7 @@ async def test_workspace_origins_keep_every_attempt_of_another_workspace_page_fr
     # then reaches A's workspace; one named like CodeHub's neither reaches it nor ends A's
     # session (on HTTPS the __Host- prefix forbids setting it at all).
     assert cookies_at_a_after_b(outcome, mode) == [f"tossed={mode.run}"]
-    assert [(c["domain"], c["value"]) for c in outcome.jar if c["name"] == auth.COOKIE_NAME
-            and not c["httpOnly"]] == [(".ws.localhost", "tossed")]
+    assert planted_codehub_cookies(outcome) == [(".ws.localhost", "/after", "tossed")]
     # A's cookie never reaches B's origin: not in the jar for it, not in any request the
     # browser sent there (B's own cookie is). (Playwright shows no Cookie header for a
     # service worker's script fetch: those count as sent without.)
@@ -399,11 +412,11 @@ async def test_path_mode_lets_a_page_of_one_workspace_read_and_drive_another(
     # 4 and 5 are as in host mode.
     service_worker_stays_in_its_directory(outcome, mode)
     no_codehub_cookie_reached_b(outcome)
-    # 6: every cookie B's script sets (its own at Path=/ included) reaches A; the one named
-    # like CodeHub's is refused by the browser (an HttpOnly one of that name and path
-    # exists) and in any case stripped by the gateway; A's session survives.
+    # 6: every cookie B's script sets (its own at Path=/ included) reaches A, one named
+    # like CodeHub's too (its Path differs from that of A's, so the browser takes it): the
+    # gateway strips it, and A's session survives.
     assert cookies_at_a_after_b(outcome, mode) == ["b_own=1", f"tossed={mode.run}"]
-    assert [c for c in outcome.jar if c["name"] == auth.COOKIE_NAME and not c["httpOnly"]] == []
+    assert planted_codehub_cookies(outcome) == [("localhost", f"/w/{A}/after", "tossed")]
     # B's own requests never carry A's cookie (Path), only B's.
     assert gateway_cookies(outcome.jar_for_b, "path") == [(f"/w/{B}/", outcome.cookies[B])]
     assert outcome.sent_to_b and all(outcome.cookies[A] not in c for c in outcome.sent_to_b)
