@@ -218,13 +218,19 @@ async def proxy_http(pool: UpstreamPool, request: web.Request, host: str, port: 
         pool.release(conn, reusable=True)
         return web.Response(status=conn.status, headers=headers, body=data or None)
     resp = web.StreamResponse(status=conn.status, headers=headers)
-    reusable = False
+    reusable, released = False, False
     try:
         await resp.prepare(request)
         while True:
             chunk = await conn.read_chunk()
             if not chunk:
                 break
+            if conn.exhausted:
+                # The last piece: give the connection back before the client has the
+                # whole body and sends its next request (which would otherwise find no
+                # idle connection and open one).
+                released = True
+                pool.release(conn, reusable=True)
             await resp.write(chunk)
         reusable = True
     except UpstreamError:
@@ -236,7 +242,8 @@ async def proxy_http(pool: UpstreamPool, request: web.Request, host: str, port: 
     except ConnectionError:
         return resp  # the client went away
     finally:
-        pool.release(conn, reusable=reusable)
+        if not released:
+            pool.release(conn, reusable=reusable)
     with contextlib.suppress(ConnectionError):
         await resp.write_eof()
     return resp

@@ -202,6 +202,12 @@ class UpstreamConnection(asyncio.Protocol):
         return (self._reuse and self.complete and self.keep_alive and not self.closed
                 and not self.head_only and not self.buffered)
 
+    @property
+    def exhausted(self) -> bool:
+        """The whole response is in hand and its body taken: the connection has nothing
+        more to give this exchange."""
+        return self.complete and not self._chunks
+
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
             raise UpstreamError("workspace closed the connection while receiving the body")
