@@ -7,9 +7,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import uvloop
-from gateway_support import echo_upstream, stack
+from gateway_support import echo_upstream, hosted, stack
 
-__all__ = ["echo_upstream", "stack"]
+__all__ = ["echo_upstream", "hosted", "stack"]
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:

@@ -199,6 +199,19 @@ async def stack(database_url: str, echo_upstream: Upstream, tmp_path: Path,
         yield s
 
 
+@pytest.fixture
+async def hosted(database_url: str, echo_upstream: Upstream, tmp_path: Path,
+                 ) -> AsyncIterator[Stack]:
+    """The gateway in host mode: each workspace at http://{id}.ws.localhost:<port>/ (Chromium
+    and aiohttp's resolver take *.localhost for loopback)."""
+    port = services.free_port()
+    async for s in open_stack(
+            database_url, echo_upstream, tmp_path, port=port,
+            server=ServerConfig(public_url=f"http://localhost:{port}"),
+            workspace_host=f"{{id}}.ws.localhost:{port}"):
+        yield s
+
+
 def client(**kwargs: Any) -> aiohttp.ClientSession:
     """A test client that sends exactly what a test says: no cookie jar, no decompression."""
     return aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
@@ -218,5 +231,5 @@ async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05
         await asyncio.sleep(interval)
 
 
-__all__ = ["ECHO_ID", "Stack", "Upstream", "client", "echo_upstream", "open_stack", "stack",
-           "start_workspace_container", "wait_for"]
+__all__ = ["ECHO_ID", "Stack", "Upstream", "client", "echo_upstream", "hosted", "open_stack",
+           "stack", "start_workspace_container", "wait_for"]

@@ -12,16 +12,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from gateway_support import Stack, Upstream, open_stack, start_workspace_container, wait_for
-from harness.services import free_port
+from gateway_support import Stack, start_workspace_container, wait_for
 from test_gateway_browser import ARTIFACTS, browser_page, mint, real_reconciler
 
-from codehub.config import ServerConfig
 from codehub.model import DesiredState, Operation, Status
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +34,19 @@ def code_server_image(docker_engine: object) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+def watch_sockets(page: object) -> tuple[list[object], list[int]]:
+    """The page's WebSockets as they open, and the sizes of the frames they receive."""
+    sockets: list[object] = []
+    frames: list[int] = []
+
+    def on_socket(ws: object) -> None:
+        sockets.append(ws)
+        ws.on("framereceived", lambda payload: frames.append(len(payload)))  # type: ignore[attr-defined]
+
+    page.on("websocket", on_socket)  # type: ignore[attr-defined]
+    return sockets, frames
+
+
 @pytest.mark.timeout(2400)
 async def test_code_server_workbench_loads_and_its_websocket_connects(
         stack: Stack, code_server_image: str) -> None:
@@ -44,14 +54,8 @@ async def test_code_server_workbench_loads_and_its_websocket_connects(
     long_ago = datetime.now(UTC) - timedelta(hours=2)
     await stack.add("cs", status=Status.RUNNING, desired=DesiredState.RUNNING, now=long_ago)
     link = await mint(stack, "cs")
-    sockets: list[object] = []
-    frames: list[int] = []
     async with browser_page() as page:
-        def on_socket(ws: object) -> None:
-            sockets.append(ws)
-            ws.on("framereceived", lambda payload: frames.append(len(payload)))  # type: ignore[attr-defined]
-
-        page.on("websocket", on_socket)  # type: ignore[attr-defined]
+        sockets, frames = watch_sockets(page)
         response = await page.goto(link, timeout=60_000)  # type: ignore[attr-defined]
         assert response.status == 200
         await page.wait_for_selector(".monaco-workbench", timeout=90_000)  # type: ignore[attr-defined]
@@ -78,18 +82,6 @@ async def test_code_server_workbench_loads_and_its_websocket_connects(
         await wait_for(marked)
 
 
-@pytest.fixture
-async def hosted(database_url: str, echo_upstream: Upstream, tmp_path: Path,
-                 ) -> AsyncIterator[Stack]:
-    """The gateway in host mode: each workspace at http://{id}.ws.localhost:<port>/."""
-    port = free_port()
-    async for stack in open_stack(
-            database_url, echo_upstream, tmp_path, port=port,
-            server=ServerConfig(public_url=f"http://localhost:{port}"),
-            workspace_host=f"{{id}}.ws.localhost:{port}"):
-        yield stack
-
-
 @pytest.mark.timeout(2400)
 async def test_code_server_at_its_own_origin_wakes_from_warm_and_its_websocket_connects(
         hosted: Stack, code_server_image: str, tmp_path: Path) -> None:
@@ -111,14 +103,8 @@ async def test_code_server_at_its_own_origin_wakes_from_warm_and_its_websocket_c
         await wait_for(warm, timeout=120)
         link = await mint(stack, "csh")
         assert link.startswith(origin + "/?access="), link
-        sockets: list[object] = []
-        frames: list[int] = []
         async with browser_page() as page:
-            def on_socket(ws: object) -> None:
-                sockets.append(ws)
-                ws.on("framereceived", lambda payload: frames.append(len(payload)))  # type: ignore[attr-defined]
-
-            page.on("websocket", on_socket)  # type: ignore[attr-defined]
+            sockets, frames = watch_sockets(page)
             response = await page.goto(link)  # type: ignore[attr-defined]
             assert response.status == 200
             # The loading page, at the root of the workspace's origin (token gone) ...

@@ -20,18 +20,6 @@ from codehub.gateway import auth
 BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-@pytest.fixture
-async def hosted(database_url: str, echo_upstream: Upstream, tmp_path: Path,
-                 ) -> AsyncIterator[Stack]:
-    """A gateway in host mode: workspaces at http://{id}.ws.localhost:<port>."""
-    port = free_port()
-    async for stack in open_stack(
-            database_url, echo_upstream, tmp_path, port=port,
-            server=ServerConfig(public_url=f"http://localhost:{port}"),
-            workspace_host=f"{{id}}.ws.localhost:{port}"):
-        yield stack
-
-
 def origin_of(stack: Stack, workspace_id: str = "echo") -> str:
     return stack.gw.origins.workspace_origin(workspace_id)
 
