@@ -180,21 +180,26 @@ async def test_a_body_that_is_not_application_json_is_refused_with_415(
 
 
 async def test_a_body_without_a_content_type_is_refused_with_415(tokenless: Client) -> None:
-    reader, writer = await asyncio.open_connection(tokenless.host, tokenless.port)
     body = b'{"id": "evil-1", "owner": "mallory"}'
     before = await database(tokenless.app)
+    status, code = await raw_exchange(
+        tokenless, f"POST {WS} HTTP/1.1\r\nHost: 127.0.0.1:{tokenless.port}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    assert (status, code) == (415, "unsupported_media_type")
+    assert await database(tokenless.app) == before
+
+
+async def raw_exchange(tokenless: Client, request: bytes) -> tuple[int, str]:
+    """Send `request` as bytes (what aiohttp's client would not send); (status, error code)."""
+    reader, writer = await asyncio.open_connection(tokenless.host, tokenless.port)
     try:
-        writer.write(f"POST {WS} HTTP/1.1\r\nHost: 127.0.0.1:{tokenless.port}\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                     + body)
+        writer.write(request)
         await writer.drain()
         answer = await reader.read()
     finally:
         writer.close()
     head, _, payload = answer.partition(b"\r\n\r\n")
-    assert head.split()[1] == b"415", answer
-    assert orjson.loads(payload)["error"]["code"] == "unsupported_media_type"
-    assert await database(tokenless.app) == before
+    return int(head.split()[1]), orjson.loads(payload)["error"]["code"]
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES)
@@ -217,16 +222,8 @@ async def test_every_route_and_method_is_guarded_and_changes_nothing(
 
 
 async def test_a_request_without_a_host_is_refused(tokenless: Client) -> None:
-    reader, writer = await asyncio.open_connection(tokenless.host, tokenless.port)
-    try:
-        writer.write(f"GET {WS} HTTP/1.0\r\n\r\n".encode())
-        await writer.drain()
-        answer = await reader.read()
-    finally:
-        writer.close()
-    head, _, payload = answer.partition(b"\r\n\r\n")
-    assert head.split()[1] == b"403", answer
-    assert orjson.loads(payload)["error"]["code"] == "forbidden_host"
+    status, code = await raw_exchange(tokenless, f"GET {WS} HTTP/1.0\r\n\r\n".encode())
+    assert (status, code) == (403, "forbidden_host")
 
 
 # --- what still works --------------------------------------------------------------------

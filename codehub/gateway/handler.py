@@ -291,14 +291,13 @@ class Gateway:
         return known
 
     def cross_site(self, request: web.Request, workspace_id: str, fwd: Forwarding,
-                   ) -> web.Response | None:
+                   upgrade: bool) -> web.Response | None:
         """A refusal (403) for a WebSocket or a state-changing request that a browser sent
         from anywhere but the workspace's own origin; None for everything else. Safe
         requests (GET, HEAD, OPTIONS) pass: they are checked by the cookie alone, and the
         same-origin policy keeps their answers from other origins. Clients that are not
         browsers send neither Origin nor Sec-Fetch-Site and pass (they still need the
         cookie)."""
-        upgrade = is_upgrade(request)
         if request.method in _SAFE and not upgrade:
             return None
         headers = request.headers
@@ -321,7 +320,8 @@ class Gateway:
         `workspace_id`. The caller has checked that both are well formed."""
         fwd = Forwarding(request, self.origins.prefix(workspace_id),
                          trusted=self.trusted(request.remote))
-        refused = self.cross_site(request, workspace_id, fwd)
+        upgrade = is_upgrade(request)
+        refused = self.cross_site(request, workspace_id, fwd, upgrade)
         if refused is not None:
             return refused
         now = time.time()
@@ -352,7 +352,7 @@ class Gateway:
         if not route.host:
             return await self.state_answer(request, workspace_id, route)
         self.activity.mark(workspace_id)
-        if is_upgrade(request):
+        if upgrade:
             return await self.websocket(request, workspace_id, route, target, fwd, cred.nonce)
         try:
             return await proxy_http(self.pool, request, route.host, route.port, target, fwd)
