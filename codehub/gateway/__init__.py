@@ -44,7 +44,7 @@ _API_PREFIX = "/api/v1/"
 
 async def _workspace(request: web.Request) -> web.StreamResponse:
     """/w/{id}/... in path mode: the workspace; in host mode: a redirect to its origin."""
-    gw = request.config_dict[GATEWAY]
+    gw = request.app[GATEWAY]  # the app setup() added this route to (no ChainMap built)
     workspace_id = request.match_info["wid"]
     raw = request.raw_path
     n = 3 + len(workspace_id)

@@ -318,8 +318,9 @@ class Gateway:
                      ) -> web.StreamResponse:
         """Serve `target` (the path and query below the workspace's root, as sent) of
         `workspace_id`. The caller has checked that both are well formed."""
+        remote = request.remote or ""
         fwd = Forwarding(request, self.origins.prefix(workspace_id),
-                         trusted=self.trusted(request.remote))
+                         trusted=self.trusted(remote), remote=remote)
         upgrade = is_upgrade(request)
         refused = self.cross_site(request, workspace_id, fwd, upgrade)
         if refused is not None:

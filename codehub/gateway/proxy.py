@@ -64,6 +64,23 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
 
 
+_DROP_MEMO_SIZE = 64
+_drop_memo: dict[tuple[frozenset[bytes], bytes], frozenset[bytes]] = {}
+
+
+def dropping(base: frozenset[bytes], connection: bytes) -> frozenset[bytes]:
+    """`base` plus the headers a Connection header names, memoised: nearly every peer
+    sends the same one or two values ("keep-alive", "close", "Upgrade")."""
+    key = (base, connection)
+    drop = _drop_memo.get(key)
+    if drop is None:
+        drop = base | connection_tokens(connection)
+        if len(_drop_memo) >= _DROP_MEMO_SIZE:
+            _drop_memo.clear()
+        _drop_memo[key] = drop
+    return drop
+
+
 class Forwarding:
     """What the gateway adds to a forwarded request (shared by HTTP and WebSocket).
 
@@ -75,10 +92,12 @@ class Forwarding:
 
     __slots__ = ("cookie", "drop", "forwarded_for", "host", "prefix", "proto", "trusted")
 
-    def __init__(self, request: web.BaseRequest, prefix: str, *, trusted: bool) -> None:
+    def __init__(self, request: web.BaseRequest, prefix: str, *, trusted: bool,
+                 remote: str | None = None) -> None:
         self.cookie: str | None = None
         self.trusted = trusted
-        remote = request.remote or ""
+        if remote is None:
+            remote = request.remote or ""
         headers = request.headers
         if trusted:
             prior = headers.getall("X-Forwarded-For", ())
@@ -95,8 +114,15 @@ class Forwarding:
             self.drop = DROP_REQUEST
 
     def block(self) -> bytes:
-        """The same headers as `pairs`, as request-head bytes."""
-        return "".join(f"{k}: {v}\r\n" for k, v in self.pairs()).encode("latin-1", "replace")
+        """The same headers as `pairs`, as request-head bytes (built without the pairs:
+        this runs on every proxied request)."""
+        text = (f"X-Forwarded-For: {self.forwarded_for}\r\nX-Forwarded-Host: {self.host}\r\n"
+                f"X-Forwarded-Proto: {self.proto}\r\n")
+        if self.prefix:
+            text += f"X-Forwarded-Prefix: {self.prefix}\r\n"
+        if self.cookie:
+            text += f"Cookie: {self.cookie}\r\n"
+        return text.encode("latin-1", "replace")
 
     def pairs(self) -> list[tuple[str, str]]:
         out = [("X-Forwarded-For", self.forwarded_for), ("X-Forwarded-Host", self.host),
@@ -114,8 +140,7 @@ def request_head(request: web.BaseRequest, target: str, fwd: Forwarding, host: s
     headers = request.headers
     drop = fwd.drop
     if "Connection" in headers:  # one C lookup instead of a scan of every header
-        named = ",".join(headers.getall("Connection")).encode("latin-1")
-        drop = drop | connection_tokens(named)
+        drop = dropping(drop, ",".join(headers.getall("Connection")).encode("latin-1"))
     parts = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"),
                                         target.encode("utf-8", "surrogateescape"))]
     append = parts.append
@@ -137,14 +162,10 @@ def response_headers(raw: list[tuple[bytes, bytes]], connection: bytes | None,
                      ) -> list[tuple[str, str]]:
     """The headers for the browser: hop-by-hop ones, Service-Worker-Allowed and any
     Set-Cookie of CodeHub's own cookie removed (a workspace never sets nor shadows it)."""
-    drop = _DROP_RESPONSE | connection_tokens(connection) if connection else _DROP_RESPONSE
-    out = []
-    for n, v in raw:
-        name = n.lower()
-        if name in drop or (name == b"set-cookie" and names_our_cookie(v)):
-            continue
-        out.append((n.decode("latin-1"), v.decode("latin-1")))
-    return out
+    drop = dropping(_DROP_RESPONSE, connection) if connection else _DROP_RESPONSE
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw
+            if (name := n.lower()) not in drop
+            and not (name == b"set-cookie" and names_our_cookie(v))]
 
 
 def _body_mode(request: web.BaseRequest) -> str:
