@@ -1055,3 +1055,71 @@ def plan_summary() -> str:
 def obtained_summary() -> list[str]:
     """One line per service obtained in this run: source, version, address, start time."""
     return [service.describe() for service in OBTAINED]
+
+
+class PrivateDockerd:
+    """A Docker engine of the test's own: its own socket, data root, exec root and managed
+    containerd, live-restore off, no iptables or default bridge (so it never touches the
+    shared engine's rules). Restartable, which the shared engine must never be mid-suite."""
+
+    def __init__(self) -> None:
+        self.dockerd = ensure_command("dockerd", "docker.io")
+        # Under /var/lib, beside the shared engine's root: overlay2 needs a real filesystem.
+        self.root = Path(tempfile.mkdtemp(prefix="codehub-test-dockerd-", dir="/var/lib"))
+        self.run = Path(tempfile.mkdtemp(prefix="chd-", dir="/tmp"))  # short: socket path
+        self.url = f"unix://{self.run}/docker.sock"
+        self.log = self.root / "dockerd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, DOCKER_HOST=self.url)
+
+    def start(self, timeout: float = 60) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.dockerd, "--host", self.url, "--data-root", str(self.root / "data"),
+                 "--exec-root", str(self.run / "exec"), "--pidfile", str(self.run / "pid"),
+                 "--iptables=false", "--ip-masq=false", "--bridge=none",
+                 "--live-restore=false"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        child = self.proc
+
+        def answers() -> bool:
+            if child.poll() is not None:
+                raise ServiceError(f"private dockerd exited; see {self.log}")
+            return docker_server_version(self.url, timeout=5) is not None
+
+        _wait_until(answers, None, timeout, "private dockerd")
+
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM, as a service manager's restart does; containers die with it (no
+        live-restore)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def load_image(self, tag: str, from_url: str) -> None:
+        """Copy an image from another engine (docker save | docker load)."""
+        save = subprocess.Popen(["docker", "save", tag], env=dict(os.environ, DOCKER_HOST=from_url),
+                                stdout=subprocess.PIPE)
+        assert save.stdout is not None
+        loaded = subprocess.run(["docker", "load", "--quiet"], env=self.env(), stdin=save.stdout,
+                                capture_output=True, timeout=300, check=False)
+        save.stdout.close()
+        if save.wait(60) != 0 or loaded.returncode != 0:
+            raise ServiceError(f"could not copy image {tag}: {loaded.stderr.decode()[-500:]}")
+
+    def close(self) -> None:
+        if docker_server_version(self.url, timeout=5) is not None:
+            subprocess.run(["sh", "-c", "docker ps -aq | xargs -r docker rm -f -v"],
+                           env=self.env(), capture_output=True, timeout=120, check=False)
+        self.stop()
+        shutil.rmtree(self.run, ignore_errors=True)
+        subprocess.run(["umount", "-R", str(self.root / "data")], capture_output=True,
+                       check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
