@@ -1,4 +1,4 @@
-"""The admin API under /api/v1 (see DESIGN.md "Admin API"), and its OpenAPI document.
+"""The admin API under /api/v1 (README "Admin API"), and its OpenAPI document.
 
 Guarantees:
 - Declarative: a handler validates, writes desired_state and/or TTLs, publishes a hint and
@@ -203,7 +203,7 @@ def _iso(dt: datetime | None) -> str | None:
 
 
 def workspace_json(ws: Workspace, cfg: Config) -> dict[str, Any]:
-    """A workspace as the API shows it (DESIGN.md): TTLs are the effective values."""
+    """A workspace as the API shows it (README "Admin API"): TTLs are the effective values."""
     archive = None if ws.archive_key is None else {
         "key": ws.archive_key, "size": ws.archive_size, "sha256": ws.archive_sha256,
         "created_at": _iso(ws.archive_created_at)}

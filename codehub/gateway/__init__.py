@@ -1,4 +1,4 @@
-"""The gateway: everything under /w/{workspace_id}/ (DESIGN.md "Gateway hot path").
+"""The gateway: everything under /w/{workspace_id}/ (ARCHITECTURE.md "Gateway hot path").
 
 Modules, one concept each: `routes` (route table + hint consumer), `upstream` (pooled
 HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth` (access

@@ -3,7 +3,7 @@
 A workspace's root is `/w/{id}/` in path mode and `/` of its own origin in host mode
 (origins.py); below, `<root>` is that.
 
-Guarantees (DESIGN.md "What a browser sees at /w/{id}/"):
+Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
 - `/w/{id}` redirects to `/w/{id}/` (query kept); in host mode both redirect to the
   workspace's origin.
 - A WebSocket upgrade or a state-changing request that a browser sent from another origin
