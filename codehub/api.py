@@ -75,7 +75,7 @@ from .config import Config, ConfigError
 from .gateway import auth as gateway_auth
 from .gateway.origins import Origins
 from .metrics import API_REQUESTS
-from .model import DesiredState, Operation, Status, Workspace
+from .model import WORKSPACE_ID, DesiredState, Operation, Status, Workspace
 from .openapi import (
     ApiError,
     Args,
@@ -97,7 +97,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
 VERSION = "1"
 
-ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+ID_PATTERN = "^" + WORKSPACE_ID.pattern + "$"
 OWNER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"
 # A Docker image reference: [registry/]path[:tag][@sha256:digest]. As in Docker, the first
 # component is a registry only when it has a dot or a port or is localhost; path

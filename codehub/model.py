@@ -15,8 +15,14 @@ Guarantees:
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from datetime import datetime
+
+# What a workspace id may be, everywhere (API, gateway, runtime and storage names): a DNS
+# label, so that `{id}.ws.example.com` is a host name and every Docker or Kubernetes name
+# derived from it is valid. Use with fullmatch.
+WORKSPACE_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class DesiredState(enum.StrEnum):

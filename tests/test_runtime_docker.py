@@ -314,7 +314,7 @@ async def test_list_managed_reports_our_workspace_containers_only(
 
 async def test_invalid_workspace_id_is_rejected_before_touching_docker(
         controller: DockerInstanceController, volume: str, workspace_image: str) -> None:
-    for bad in ("../x", "", "a/b", "-x", "x" * 200):
+    for bad in ("../x", "", "a/b", "-x", "x" * 200, "Upper", "a_b", "a.b", "x-"):
         with pytest.raises(PermanentError):
             await controller.get_status(bad)
 

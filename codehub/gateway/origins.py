@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 from urllib.parse import urlsplit
 
-ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+from ..model import WORKSPACE_ID
+
+ID = WORKSPACE_ID
 _DEFAULT_PORT = {"http": ":80", "https": ":443"}
 
 

@@ -63,7 +63,7 @@ from ..interfaces import (
     PermanentError,
     UpstreamInfo,
 )
-from ..model import InstanceState
+from ..model import WORKSPACE_ID, InstanceState
 from .engine import TRANSPORT_ERRORS, docker_failure, ensure_image, log_tail
 from .network import BridgeNetwork
 from .sandbox import Sandbox
@@ -73,11 +73,10 @@ LABEL_SPEC = "codehub.spec"
 HOME = "/home/coder"
 DEFAULT_COMMAND = ("--auth", "none", "--bind-addr", "0.0.0.0:8080")
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def _check_workspace_id(workspace_id: str) -> None:
-    if not _ID.match(workspace_id):
+    if not WORKSPACE_ID.fullmatch(workspace_id):
         raise PermanentError(f"invalid workspace id {workspace_id!r}")
 
 

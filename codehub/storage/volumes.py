@@ -95,7 +95,7 @@ from ..interfaces import (
     ProgressCallback,
     StorageProvider,
 )
-from ..model import VolumeState
+from ..model import WORKSPACE_ID, VolumeState
 from ..runtime.engine import TRANSPORT_ERRORS, docker_failure, ensure_image, log_tail
 from ..runtime.network import BridgeNetwork
 from .disks import HomeDisks
@@ -139,13 +139,12 @@ _TAR_SCRIPT = (
     "printf '%s\\n' \"$CODEHUB_FEED_TOKEN\" >&3 || exit 111\n"
     f"exec tar --extract --file=- --directory={_MOUNT_PARENT} --no-same-owner "
     "--same-permissions --xattrs --xattrs-include='user.*' <&3\n")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_workspace_id(workspace_id: str) -> None:
     """Reject ids that would not make a valid (and unambiguous) Docker object name."""
-    if not _ID.match(workspace_id):
+    if not WORKSPACE_ID.fullmatch(workspace_id):
         raise PermanentError(f"invalid workspace id {workspace_id!r}")
 
 

@@ -1059,8 +1059,9 @@ def obtained_summary() -> list[str]:
 
 class PrivateDockerd:
     """A Docker engine of the test's own: its own socket, data root, exec root and managed
-    containerd, live-restore off, no iptables or default bridge (so it never touches the
-    shared engine's rules). Restartable, which the shared engine must never be mid-suite."""
+    containerd, live-restore off, no iptables rules, and a default bridge of its own (never
+    `--bridge=none`: dockerd then deletes the host's docker0, the shared engine's bridge).
+    Restartable, which the shared engine must never be mid-suite."""
 
     def __init__(self) -> None:
         self.dockerd = ensure_command("dockerd", "docker.io")
@@ -1070,6 +1071,14 @@ class PrivateDockerd:
         self.url = f"unix://{self.run}/docker.sock"
         self.log = self.root / "dockerd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.bridge = f"chd{uuid.uuid4().hex[:8]}"
+        subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True,
+                       capture_output=True, timeout=30)
+        subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}.1/24"
+        subprocess.run(["ip", "addr", "add", subnet, "dev", self.bridge], check=True,
+                       capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True,
+                       capture_output=True, timeout=30)
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, DOCKER_HOST=self.url)
@@ -1079,7 +1088,7 @@ class PrivateDockerd:
             self.proc = subprocess.Popen(
                 [self.dockerd, "--host", self.url, "--data-root", str(self.root / "data"),
                  "--exec-root", str(self.run / "exec"), "--pidfile", str(self.run / "pid"),
-                 "--iptables=false", "--ip-masq=false", "--bridge=none",
+                 "--iptables=false", "--ip-masq=false", f"--bridge={self.bridge}",
                  "--live-restore=false"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         child = self.proc
@@ -1123,3 +1132,5 @@ class PrivateDockerd:
         subprocess.run(["umount", "-R", str(self.root / "data")], capture_output=True,
                        check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False,
+                       timeout=30)
