@@ -29,10 +29,11 @@ from aiohttp.typedefs import Handler
 
 from .. import keys
 from ..interfaces import InstanceController
+from ..model import WORKSPACE_ID
 from . import links
 from .auth import load_keys
 from .handler import MAX_ID_LENGTH, Gateway
-from .origins import ID, HostKind, Origins
+from .origins import HostKind, Origins
 from .pages import Pages, plain, static_dir
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ async def _workspace(request: web.Request) -> web.StreamResponse:
             or raw[n:n + 1] != "/"):
         return plain(404, "Not found.")
     if gw.origins.host_mode:
-        if not ID.fullmatch(workspace_id):
+        if not WORKSPACE_ID.fullmatch(workspace_id):
             return plain(404, "Not found.")
         return _moved(gw.origins.workspace_origin(workspace_id) + raw[n:])
     return await gw.handle(request, workspace_id, raw[n:])
@@ -65,7 +66,7 @@ async def _redirect(request: web.Request) -> web.Response:
     wid = request.match_info["wid"]
     location = f"/w/{wid}/" + (f"?{qs}" if qs else "")
     gw = request.config_dict[GATEWAY]
-    if gw.origins.host_mode and ID.fullmatch(wid):
+    if gw.origins.host_mode and WORKSPACE_ID.fullmatch(wid):
         location = gw.origins.workspace_origin(wid) + "/" + (f"?{qs}" if qs else "")
     return _moved(location)
 

@@ -30,7 +30,6 @@ from urllib.parse import urlsplit
 
 from ..model import WORKSPACE_ID
 
-ID = WORKSPACE_ID
 _DEFAULT_PORT = {"http": ":80", "https": ":443"}
 
 
@@ -87,7 +86,7 @@ class Origins:
         name = _strip_default_port(self.scheme, host.lower())
         if name.endswith(self.suffix):
             wid = name[:-len(self.suffix)]
-            if ID.fullmatch(wid):
+            if WORKSPACE_ID.fullmatch(wid):
                 return HostKind.WORKSPACE, wid
             return HostKind.MALFORMED, ""
         if name == self.main_host or is_loopback_host(name):

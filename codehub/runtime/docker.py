@@ -63,8 +63,8 @@ from ..interfaces import (
     PermanentError,
     UpstreamInfo,
 )
-from ..model import WORKSPACE_ID, InstanceState
-from .engine import TRANSPORT_ERRORS, docker_failure, ensure_image, log_tail
+from ..model import InstanceState
+from .engine import TRANSPORT_ERRORS, check_workspace_id, docker_failure, ensure_image, log_tail
 from .network import BridgeNetwork
 from .sandbox import Sandbox
 
@@ -72,12 +72,6 @@ ROLE_WORKSPACE = "workspace"
 LABEL_SPEC = "codehub.spec"
 HOME = "/home/coder"
 DEFAULT_COMMAND = ("--auth", "none", "--bind-addr", "0.0.0.0:8080")
-
-
-
-def _check_workspace_id(workspace_id: str) -> None:
-    if not WORKSPACE_ID.fullmatch(workspace_id):
-        raise PermanentError(f"invalid workspace id {workspace_id!r}")
 
 
 def _age_seconds(started_at: str) -> float:
@@ -150,7 +144,7 @@ class DockerInstanceController(InstanceController):
             await session.close()
 
     def container_name(self, workspace_id: str) -> str:
-        _check_workspace_id(workspace_id)
+        check_workspace_id(workspace_id)
         return f"{self._prefix}{workspace_id}"
 
     # --- InstanceController ------------------------------------------------------------

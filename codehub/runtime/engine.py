@@ -17,6 +17,7 @@ import aiodocker
 import aiohttp
 
 from ..interfaces import AdapterError, PermanentError
+from ..model import WORKSPACE_ID
 
 TRANSPORT_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, TimeoutError)
 LOG_LINES = 20
@@ -56,3 +57,9 @@ async def log_tail(docker: aiodocker.Docker, name: str, lines: int = LOG_LINES) 
         text = "".join(got).rstrip()
         return f"; last log lines:\n{text}" if text else "; no log output"
     return "; logs unavailable"
+
+
+def check_workspace_id(workspace_id: str) -> None:
+    """Refuse an id outside model.WORKSPACE_ID before it becomes part of an engine name."""
+    if not WORKSPACE_ID.fullmatch(workspace_id):
+        raise PermanentError(f"invalid workspace id {workspace_id!r}")

@@ -95,8 +95,14 @@ from ..interfaces import (
     ProgressCallback,
     StorageProvider,
 )
-from ..model import WORKSPACE_ID, VolumeState
-from ..runtime.engine import TRANSPORT_ERRORS, docker_failure, ensure_image, log_tail
+from ..model import VolumeState
+from ..runtime.engine import (
+    TRANSPORT_ERRORS,
+    check_workspace_id,
+    docker_failure,
+    ensure_image,
+    log_tail,
+)
 from ..runtime.network import BridgeNetwork
 from .disks import HomeDisks
 from .feed import FeedConnection, FeedListener, ListenError
@@ -140,12 +146,6 @@ _TAR_SCRIPT = (
     f"exec tar --extract --file=- --directory={_MOUNT_PARENT} --no-same-owner "
     "--same-permissions --xattrs --xattrs-include='user.*' <&3\n")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def check_workspace_id(workspace_id: str) -> None:
-    """Reject ids that would not make a valid (and unambiguous) Docker object name."""
-    if not WORKSPACE_ID.fullmatch(workspace_id):
-        raise PermanentError(f"invalid workspace id {workspace_id!r}")
 
 
 @contextlib.contextmanager
