@@ -36,7 +36,7 @@ from .watch import Watchers, read_state
 
 PING_INTERVAL = 10.0
 MAX_STREAM = 300.0
-RETRY_MS = 2000
+SEND_TIMEOUT = 120.0  # a client that takes no data for this long is cut off
 LIMITED_RETRY_AFTER = 10
 
 
@@ -125,7 +125,17 @@ async def _stream(request: web.Request, workspace_id: str, watchers: Watchers,
                 if data is None:
                     continue
                 final = sub.final
-                await resp.send(data.decode(), event="state", retry=RETRY_MS)
+                # The event as the watcher built it once for every stream (what
+                # resp.send would build again per stream), with send()'s stall guard.
+                try:
+                    async with asyncio.timeout(SEND_TIMEOUT):
+                        await resp.write(sub.frame)
+                except TimeoutError:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    break
+                except ConnectionResetError:  # the client went away
+                    break
                 if final:
                     break
     return resp

@@ -35,6 +35,7 @@ from .routes import DatabaseUnavailable, Route, RouteTable
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT = 2.0
+RETRY_MS = 2000  # the EventSource's reconnection delay, sent with every state
 _FINAL = frozenset({Status.ERROR, Status.COLD, Status.DELETED})
 
 
@@ -63,18 +64,26 @@ async def read_state(routes: RouteTable, ready: Callable[[Route], Awaitable[bool
     return describe(route.workspace, ready=route.proxyable and await ready(route))
 
 
-class Subscription:
-    """One stream's view of its workspace: the latest state, and whether one is new."""
+def sse_frame(data: bytes) -> bytes:
+    """The `state` event carrying `data` (one line of JSON), as the stream sends it."""
+    return b"event: state\r\ndata: %s\r\nretry: %d\r\n\r\n" % (data, RETRY_MS)
 
-    __slots__ = ("_new", "final", "latest")
+
+class Subscription:
+    """One stream's view of its workspace: the latest state, and whether one is new.
+    `frame` is the latest state as an SSE event, built once by the watcher for all."""
+
+    __slots__ = ("_new", "final", "frame", "latest")
 
     def __init__(self) -> None:
         self.latest: bytes | None = None
+        self.frame = b""
         self.final = False
         self._new = asyncio.Event()
 
-    def offer(self, data: bytes, final: bool) -> None:
+    def offer(self, data: bytes, frame: bytes, final: bool) -> None:
         self.latest = data
+        self.frame = frame
         self.final = final
         self._new.set()
 
@@ -95,7 +104,7 @@ class _Watcher:
 
     def __init__(self) -> None:
         self.subscribers: set[Subscription] = set()
-        self.last: tuple[bytes, bool] | None = None
+        self.last: tuple[bytes, bytes, bool] | None = None
         self.task: asyncio.Task[None] | None = None
 
 
@@ -151,7 +160,7 @@ class Watchers:
                 continue
             data = orjson.dumps(state)
             if watcher.last is None or watcher.last[0] != data:
-                watcher.last = (data, is_final(state))
+                watcher.last = (data, sse_frame(data), is_final(state))
                 for sub in watcher.subscribers:
                     sub.offer(*watcher.last)
             # A hint invalidated the route (the next read is fresh anyway); no hint within
