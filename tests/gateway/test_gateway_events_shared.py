@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from gateway_support import ECHO_ID, Stack, Upstream, client, open_stack, wait_for
 
+from codehub.gateway.routes import Route
+from codehub.gateway.watch import healthy
 from codehub.model import DesiredState, Operation, Status
 
 STREAMS = 3000
@@ -228,3 +230,35 @@ async def test_the_client_limit_counts_the_peer_when_it_is_not_a_trusted_proxy(
             assert (await _get(http, stack, "one", "198.51.100.2", held))[0] == 200
             status, _, body = await _get(http, stack, "one", "198.51.100.3", held)
             assert status == 429 and json.loads(body)["limit"] == "client"
+
+
+async def test_500_streams_on_a_running_unhealthy_workspace_share_one_health_check_per_poll(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path) -> None:
+    async for stack in open_stack(database_url, echo_upstream, tmp_path,
+                                  events_poll_interval=0.2, events_per_client=1000):
+        await stack.add()  # RUNNING, its container up
+        per_second = await _health_checks_per_second(stack, 500)
+        print(f"\n500 streams on a RUNNING, unhealthy workspace: {per_second:.1f} health "
+              f"checks/s (poll every 0.2 s)")
+        assert 1 <= per_second <= 10
+
+
+async def _health_checks_per_second(stack: Stack, streams: int) -> float:
+    gw = stack.gw
+    checks = 0
+
+    async def failing_health_check(route: Route) -> bool:
+        # The real check over the real network, of a path that answers 503: never ready.
+        nonlocal checks
+        checks += 1
+        return await healthy(gw.session, route, "/_echo/status/503")
+
+    gw.watchers.ready = failing_health_check
+    clients = await Clients.open(stack, streams, b'"status":"RUNNING"')
+    try:
+        assert await clients.ask("count") == str(streams)  # never ready: every stream stays
+        checks0, t0 = checks, time.monotonic()
+        await asyncio.sleep(3)
+        return (checks - checks0) / (time.monotonic() - t0)
+    finally:
+        await clients.close()
