@@ -291,8 +291,16 @@ class GatewayConfig:
         5, "Retry-After seconds sent with 503 to non-HTML requests for a waking workspace.",
         lo=1, hi=3600)
     events_poll_interval: float = setting(
-        1.0, "Seconds between database reads by an open loading page's event stream, besides "
-        "hints (progress is not hinted; a hint may be lost).", lo=0.1, hi=60)
+        1.0, "Seconds between database reads for a workspace with open loading-page event "
+        "streams (one read for all its streams), besides hints (progress is not hinted; a "
+        "hint may be lost).", lo=0.1, hi=60)
+    events_per_workspace: int = setting(
+        1000, "Open loading-page event streams allowed per workspace; more get 429 with "
+        "Retry-After (the page then polls its status).", lo=1, hi=1_000_000)
+    events_per_client: int = setting(
+        20, "Open event streams allowed per client address (the peer, or the X-Forwarded-For "
+        "client when the peer is one of gateway.trusted_proxies); more get 429.", lo=1,
+        hi=1_000_000)
     workspace_host: str = setting(
         "", "Serve each workspace at an origin of its own: a host name with {id}, e.g. "
         "{id}.ws.example.com (a wildcard DNS name and certificate), with the scheme of "

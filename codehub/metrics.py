@@ -72,6 +72,14 @@ PROXY_REQUESTS = Counter(
 PROXY_ERRORS = Counter(
     "codehub_proxy_errors", "Proxied requests that got no response from their workspace.",
     registry=REGISTRY)
+ROUTE_LOADS = Counter(
+    "codehub_route_loads", "Workspace rows the gateway read to fill its route table.",
+    registry=REGISTRY)
+EVENT_STREAMS = Gauge(
+    "codehub_event_streams", "Loading-page event streams open now.", registry=REGISTRY)
+EVENT_STREAMS_REFUSED = Counter(
+    "codehub_event_streams_refused", "Event streams refused (429) by a limit, by limit.",
+    ["limit"], registry=REGISTRY)
 WEBSOCKETS_OPEN = Gauge(
     "codehub_websocket_connections", "WebSocket connections being relayed now.",
     registry=REGISTRY)

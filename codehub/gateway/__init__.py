@@ -3,8 +3,9 @@
 Modules, one concept each: `routes` (route table + hint consumer), `upstream` (pooled
 HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth` (access
 links and cookies), `origins` (path mode or an origin per workspace), `activity` (marks +
-batched flush), `pages` (loading, COLD, error), `events` (SSE), `handler` (what each
-request gets), `links` (minting access links).
+batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits), `watch` (one
+watcher per workspace feeding all its event streams), `handler` (what each request gets),
+`links` (minting access links).
 
 In host mode (gateway.workspace_host) a middleware sends every request for a workspace's
 origin to the gateway before routing; `/w/{id}/...` on the main origin redirects (308) to
@@ -13,8 +14,8 @@ the workspace's origin, path and query kept.
 Wiring (app.py): after the cleanup contexts that provide keys.CONFIG, keys.STORE,
 keys.HINTS and the InstanceController, call `setup(app, instances=<its AppKey>)`. It adds
 the routes and one cleanup context that owns the gateway's resources: the upstream pool
-and client session, the hint-consumer task, the activity flusher (flushed once more at
-shutdown) and a housekeeping task.
+and client session, the hint-consumer task, the event-stream watchers, the activity
+flusher (flushed once more at shutdown) and a housekeeping task.
 """
 
 from __future__ import annotations

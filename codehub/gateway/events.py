@@ -1,15 +1,22 @@
 """The loading page's live view of a workspace: an SSE stream and a JSON status endpoint.
 
-`GET /w/{id}/_codehub/events` (text/event-stream, aiohttp-sse):
-- sends a `state` event at once and after every change: `{id, status, desired_state,
-  operation, progress: {phase, done, total} | null, error: {message, count, at} | null,
-  ready}`; changes are noticed through hints and, because hints are at most once and
-  progress is not hinted, by reading the row every gateway.events_poll_interval;
+Guarantees:
+- `GET /w/{id}/_codehub/events` (text/event-stream, aiohttp-sse) sends a `state` event
+  at once and after every change: `{id, status, desired_state, operation,
+  progress: {phase, done, total} | null, error: {message, count, at} | null, ready}`.
+  The states come from the workspace's one watcher (watch.py), shared by all its
+  streams: N streams on a workspace cost one row read per change or
+  gateway.events_poll_interval, not N.
 - `ready` is true only when the workspace is RUNNING with no operation AND its health
-  check (docker.health_path) answers 2xx through the gateway's own network path;
-- the stream ends after a final state (ready, ERROR, COLD, unknown or being deleted) and
+  check (docker.health_path) answers 2xx through the gateway's own network path.
+- The stream ends after a final state (ready, ERROR, COLD, unknown or being deleted) and
   at the latest after MAX_STREAM seconds (the browser's EventSource then reconnects);
-- keep-alive comments (`: ping`) flow every PING_INTERVAL seconds while nothing changes.
+  keep-alive comments (`: ping`) flow every PING_INTERVAL seconds while nothing changes;
+  while the database cannot be read the stream stays open and sends nothing new.
+- At most gateway.events_per_workspace streams per workspace and
+  gateway.events_per_client per client address are open at once. One more is answered
+  429 with a JSON body naming the limit and Retry-After, before the stream is opened or
+  anything is read (the loading page then polls the status endpoint).
 
 `GET /w/{id}/_codehub/status` answers the same JSON once: the page's polling fallback.
 """
@@ -17,52 +24,60 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
 
-import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from ..model import DesiredState, Status
-from .pages import describe
-from .routes import DatabaseUnavailable, Route
-
-if TYPE_CHECKING:
-    from .handler import Gateway
+from ..metrics import EVENT_STREAMS, EVENT_STREAMS_REFUSED
+from .routes import Route, RouteTable
+from .watch import Watchers, read_state
 
 PING_INTERVAL = 10.0
 MAX_STREAM = 300.0
-HEALTH_TIMEOUT = 2.0
-RETRY_MS = 2000
-_FINAL = frozenset({Status.ERROR, Status.COLD, Status.DELETED})
+SEND_TIMEOUT = 120.0  # a client that takes no data for this long is cut off
+LIMITED_RETRY_AFTER = 10
 
 
-def is_final(state: dict[str, Any]) -> bool:
-    return bool(state["ready"]) or state["status"] in ("UNKNOWN", *(s.value for s in _FINAL)) \
-        or state.get("desired_state") == DesiredState.DELETED.value
+class StreamSlots:
+    """Counts open streams per workspace and per client address against the limits."""
 
+    def __init__(self, *, per_workspace: int, per_client: int) -> None:
+        self.per_workspace = per_workspace
+        self.per_client = per_client
+        self._workspaces: dict[str, int] = {}
+        self._clients: dict[str, int] = {}
 
-async def healthy(session: aiohttp.ClientSession, route: Route, path: str) -> bool:
-    try:
-        async with session.get(f"http://{route.host}:{route.port}{path}",
-                               timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT)) as resp:
-            await resp.read()
-            return 200 <= resp.status < 300
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        return False
-
-
-async def current_state(gw: Gateway, workspace_id: str, *, fresh: bool = False,
-                        ) -> dict[str, Any] | None:
-    """The state to show, or None while the database cannot be read."""
-    try:
-        route = await (gw.routes.fresh(workspace_id) if fresh
-                       else gw.routes.get(workspace_id))
-    except DatabaseUnavailable:
+    def take(self, workspace_id: str, client: str) -> str | None:
+        """Reserve a slot; None if taken, else the name of the limit that refused it."""
+        if self._workspaces.get(workspace_id, 0) >= self.per_workspace:
+            return "workspace"
+        if self._clients.get(client, 0) >= self.per_client:
+            return "client"
+        self._workspaces[workspace_id] = self._workspaces.get(workspace_id, 0) + 1
+        self._clients[client] = self._clients.get(client, 0) + 1
         return None
-    ready = route.proxyable and await healthy(gw.session, route, gw.health_path)
-    return describe(route.workspace, ready=ready)
+
+    def give(self, workspace_id: str, client: str) -> None:
+        for counts, key in ((self._workspaces, workspace_id), (self._clients, client)):
+            n = counts.get(key, 0) - 1
+            if n > 0:
+                counts[key] = n
+            else:
+                counts.pop(key, None)
+
+
+def too_many(limit: str, slots: StreamSlots) -> web.Response:
+    EVENT_STREAMS_REFUSED.labels(limit).inc()
+    most = slots.per_workspace if limit == "workspace" else slots.per_client
+    where = "this workspace" if limit == "workspace" else "your address"
+    body = {"error": "too_many_event_streams", "limit": limit, "max": most,
+            "message": f"Too many event streams open for {where} (at most {most}); "
+                       f"poll the status endpoint or retry later."}
+    return web.Response(status=429, body=orjson.dumps(body), content_type="application/json",
+                        headers={"Cache-Control": "no-store",
+                                 "Retry-After": str(LIMITED_RETRY_AFTER)})
 
 
 def _connected(request: web.Request, resp: web.StreamResponse) -> bool:
@@ -71,8 +86,9 @@ def _connected(request: web.Request, resp: web.StreamResponse) -> bool:
             and getattr(resp, "is_connected", lambda: True)())
 
 
-async def status(gw: Gateway, request: web.Request, workspace_id: str) -> web.Response:
-    state = await current_state(gw, workspace_id)
+async def status(routes: RouteTable, ready: Callable[[Route], Awaitable[bool]],
+                 workspace_id: str) -> web.Response:
+    state = await read_state(routes, ready, workspace_id)
     if state is None:
         return web.Response(status=503, text="database unavailable\n",
                             headers={"Cache-Control": "no-store", "Retry-After": "2"})
@@ -80,26 +96,46 @@ async def status(gw: Gateway, request: web.Request, workspace_id: str) -> web.Re
                         headers={"Cache-Control": "no-store"})
 
 
-async def events(gw: Gateway, request: web.Request, workspace_id: str) -> web.StreamResponse:
+async def events(request: web.Request, workspace_id: str, watchers: Watchers,
+                 slots: StreamSlots, client: str) -> web.StreamResponse:
+    refused = slots.take(workspace_id, client)
+    if refused is not None:
+        return too_many(refused, slots)
+    EVENT_STREAMS.inc()
+    try:
+        return await _stream(request, workspace_id, watchers)
+    finally:
+        EVENT_STREAMS.dec()
+        slots.give(workspace_id, client)
+
+
+async def _stream(request: web.Request, workspace_id: str, watchers: Watchers,
+                  ) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + MAX_STREAM
     async with sse_response(request, ping_interval=PING_INTERVAL,
                             headers={"Cache-Control": "no-store"}) as resp:
-        last: bytes | None = None
-        fresh = False
-        while _connected(request, resp) and loop.time() < deadline:
-            state = await current_state(gw, workspace_id, fresh=fresh)
-            if state is None:  # database unreachable: keep the stream, try again later
-                await asyncio.sleep(gw.events_poll_interval)
-                fresh = True
-                continue
-            data = orjson.dumps(state)
-            if data != last:
-                await resp.send(data.decode(), event="state", retry=RETRY_MS)
-                last = data
-            if is_final(state):
-                break
-            # A hint invalidated the route (the next read is fresh anyway); no hint within
-            # the poll interval: read the row again in case one was lost or progress moved.
-            fresh = not await gw.routes.wait_changed(workspace_id, gw.events_poll_interval)
+        with watchers.subscribe(workspace_id) as sub:
+            while _connected(request, resp):
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                # Wake at least every PING_INTERVAL to notice a client that went away.
+                data = await sub.next(min(left, PING_INTERVAL))
+                if data is None:
+                    continue
+                final = sub.final
+                # The event as the watcher built it once for every stream (what
+                # resp.send would build again per stream), with send()'s stall guard.
+                try:
+                    async with asyncio.timeout(SEND_TIMEOUT):
+                        await resp.write(sub.frame)
+                except TimeoutError:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    break
+                except ConnectionResetError:  # the client went away
+                    break
+                if final:
+                    break
     return resp

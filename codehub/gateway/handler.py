@@ -18,7 +18,9 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
   -> 403. Checking it is an HMAC plus a comparison with the cached row's access_nonce,
   never a database query while the route is cached.
 - `<root>_codehub/...` is the gateway's own (events, status); nothing under it reaches
-  the workspace.
+  the workspace. Event streams are limited per workspace and per client address (the
+  peer, or the X-Forwarded-For client when the peer is a trusted proxy): over a limit,
+  429 (events.py).
 - RUNNING and ready: proxied (HTTP or WebSocket), and the workspace is marked active.
 - WARM, NEW, or RUNNING but not yet reachable: a browser GET for HTML sets desired RUNNING
   (if it was not), records the access at once, sends a hint, and gets the loading page
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -54,6 +57,7 @@ from .pages import Pages, plain, wants_html
 from .proxy import Forwarding, proxy_http
 from .routes import DatabaseUnavailable, Route, RouteTable
 from .upstream import UpstreamError, UpstreamPool
+from .watch import Watchers, healthy
 from .websocket import UpstreamRefused, is_upgrade, relay
 
 MAX_ID_LENGTH = 128
@@ -114,6 +118,9 @@ class Gateway:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=g.upstream_connect_timeout),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
         self.routes = RouteTable(store, instances, ttl=g.route_ttl)
+        self.watchers = Watchers(self.routes, self.ready, poll_interval=g.events_poll_interval)
+        self.stream_slots = events.StreamSlots(per_workspace=g.events_per_workspace,
+                                               per_client=g.events_per_client)
         self.activity = Activity(store, interval=g.activity_flush_interval,
                                  keep_sockets_active=g.websocket_keeps_active)
         self._verified: dict[str, _Verified] = {}
@@ -125,6 +132,7 @@ class Gateway:
         for task in list(self._rechecks):
             task.cancel()
         await asyncio.gather(*self._rechecks, return_exceptions=True)
+        await self.watchers.close()
         await self.routes.close()
         await self.session.close()
         self.pool.close()
@@ -242,13 +250,29 @@ class Gateway:
             return auth.Credential(Verdict.USED)
         return cred
 
+    def ready(self, route: Route) -> Awaitable[bool]:
+        """Does the workspace's health check answer 2xx through the gateway's own path?"""
+        return healthy(self.session, route, self.health_path)
+
+    def client_address(self, fwd: Forwarding) -> str:
+        """Who the client is: the peer, or behind trusted proxies the right-most address
+        of X-Forwarded-For that is not one of them."""
+        if not fwd.trusted:
+            return fwd.forwarded_for
+        hops = [h.strip() for h in fwd.forwarded_for.split(",")]
+        for hop in reversed(hops):
+            if hop and not self.trusted(hop):
+                return hop
+        return hops[0]
+
     async def own_endpoint(self, request: web.Request, workspace_id: str, target: str,
-                           ) -> web.StreamResponse:
+                           fwd: Forwarding) -> web.StreamResponse:
         path = target.partition("?")[0]
         if path == "/_codehub/events" and request.method == "GET":
-            return await events.events(self, request, workspace_id)
+            return await events.events(request, workspace_id, self.watchers,
+                                       self.stream_slots, self.client_address(fwd))
         if path == "/_codehub/status" and request.method == "GET":
-            return await events.status(self, request, workspace_id)
+            return await events.status(self.routes, self.ready, workspace_id)
         return plain(404, "Not found.")
 
     def check_cookie(self, workspace_id: str, values: list[str], now: float,
@@ -349,7 +373,7 @@ class Gateway:
         if ws is not None and ws.access_nonce != cred.nonce:
             return self.denied(request, workspace_id, Verdict.REVOKED)
         if target.startswith("/_codehub/"):
-            return await self.own_endpoint(request, workspace_id, target)
+            return await self.own_endpoint(request, workspace_id, target, fwd)
         if not route.host:
             return await self.state_answer(request, workspace_id, route)
         self.activity.mark(workspace_id)

@@ -5,7 +5,8 @@ Guarantees:
   runtime lookup: one dict lookup and one clock read.
 - A route is filled on demand: one `Store.get` (plus `resolve_upstream` when the row says
   RUNNING with no operation in flight); concurrent requests for the same uncached
-  workspace share that one load.
+  workspace share that one load. Loads are counted (`loads`, and the metric
+  `codehub_route_loads`).
 - Hints invalidate: every hint for a workspace drops its route (the next request reads
   the row again) and wakes whoever waits on it (the loading page's event stream); a
   (re)subscription, after which hints may have been missed, drops every route.
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import asyncpg
 
 from ..interfaces import HintBus, InstanceController
+from ..metrics import ROUTE_LOADS
 from ..model import Operation, Status, Workspace
 from ..store import Store
 
@@ -100,6 +102,7 @@ class RouteTable:
 
     async def _load(self, workspace_id: str) -> Route:
         self.loads += 1
+        ROUTE_LOADS.inc()
         now = time.monotonic()
         try:
             ws = await self.store.get(workspace_id)
@@ -140,11 +143,16 @@ class RouteTable:
         for wid in [w for w, r in self._routes.items() if r.expires <= now]:
             del self._routes[wid]
 
-    async def wait_changed(self, workspace_id: str, timeout: float) -> bool:
-        """Wait for a hint about the workspace, at most `timeout` seconds; True if one came."""
+    def changed(self, workspace_id: str) -> asyncio.Event:
+        """An event set by the next hint about the workspace (or a resubscription)."""
         event = self._changed.get(workspace_id)
         if event is None:
             event = self._changed[workspace_id] = asyncio.Event()
+        return event
+
+    async def wait_changed(self, workspace_id: str, timeout: float) -> bool:
+        """Wait for a hint about the workspace, at most `timeout` seconds; True if one came."""
+        event = self.changed(workspace_id)
         try:
             async with asyncio.timeout(timeout):
                 await event.wait()
