@@ -12,8 +12,10 @@ Guarantees:
 - A side whose byte stream ended (EOF or lost connection) without a WebSocket close frame
   as its last bytes has "vanished": the other side is sent a close frame the tunnel
   builds itself, code 1011 (server->client unmasked, client->server masked as RFC 6455
-  requires), then EOF. A close frame that did pass through travels as bytes, so close
-  codes and reasons reach the other side unchanged.
+  requires), then EOF. So a browser that half-closes without a close frame is, for the
+  workspace, gone with 1011 (the browser still reads until the workspace closes). A close
+  frame that did pass through travels as bytes, so close codes and reasons reach the
+  other side unchanged.
 - `Tunnel.run` returns only when both connections are lost; cancelling it (revocation,
   shutdown) aborts both TCP connections. Closing is bounded: a connection that cannot
   flush its buffer within CLOSE_WAIT of being closed is aborted.
@@ -48,9 +50,9 @@ def close_frame(code: int, *, masked: bool) -> bytes:
 
 def ends_with_close_frame(tail: bytes, *, masked: bool) -> bool:
     """Whether `tail` (the last bytes one side sent) ends with a whole close frame. A close
-    frame is the last frame a side sends and is at most 131 bytes; one split across two
-    reads is not seen (then the peer gets an extra 1011 close frame after the real one,
-    which it ignores)."""
+    frame is the last frame a side sends and is at most 131 bytes; `tail` holds the last
+    two reads, so one split across more reads is not seen (then the peer gets an extra
+    1011 close frame after the real one, which it ignores)."""
     extra = 4 if masked else 0
     bit = 0x80 if masked else 0
     for length in range(126):
@@ -73,7 +75,7 @@ class Side(asyncio.Protocol):
     """One TCP connection of the tunnel; reads from it are written to `peer`."""
 
     __slots__ = ("buffer", "clock", "lost", "mark", "masked", "next_mark", "on_lost", "peer",
-                 "read_done", "tail", "transport", "tunnel", "waiter", "writing_paused")
+                 "prev", "read_done", "tail", "transport", "tunnel", "waiter", "writing_paused")
 
     def __init__(self, tunnel: Tunnel, *, masked: bool) -> None:
         self.tunnel = tunnel
@@ -83,7 +85,8 @@ class Side(asyncio.Protocol):
         self.clock = tunnel.loop.time
         self.next_mark = 0.0
         self.mark = tunnel.mark
-        self.tail = b""
+        self.tail = b""  # the last two reads: where a closing frame would be
+        self.prev = b""
         self.read_done = False
         self.lost = False
         self.writing_paused = False
@@ -109,7 +112,7 @@ class Side(asyncio.Protocol):
             return
         if peer.transport is not None and not peer.lost:
             peer.transport.write(data)
-        self.tail = data
+        self.prev, self.tail = self.tail, data
         now = self.clock()
         if now >= self.next_mark:
             self.next_mark = now + MARK_EVERY
@@ -125,9 +128,10 @@ class Side(asyncio.Protocol):
         self.read_done = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.lost:
-            if not ends_with_close_frame(self.tail, masked=self.masked):
-                # peer is the browser when this side is unmasked (the workspace)
-                peer.transport.write(close_frame(GOING_WRONG, masked=not self.masked))
+            if not ends_with_close_frame(self.prev[-131:] + self.tail[-131:],
+                                         masked=self.masked):
+                # in the vanished side's name: masked when it is the browser
+                peer.transport.write(close_frame(GOING_WRONG, masked=self.masked))
             if peer.transport.can_write_eof():
                 peer.transport.write_eof()
             else:

@@ -259,9 +259,10 @@ async def test_half_close_from_the_browser_still_delivers_the_workspace_answer(
     ws.send(0x1, b"last words", mask=b"\x12\x34\x56\x78")
     ws.writer.write_eof()  # the browser is done sending; it still reads
     assert await ws.frame() == (0x1, b"last words")
-    # the echo server then sees EOF and goes without a close frame: 1011 from the gateway
+    # A browser's EOF without a close frame: the workspace is told 1011 in its name (the
+    # echo image answers with the same code), and the browser reads that, then EOF.
     assert await ws.frame() == (0x8, struct.pack("!H", 1011))
-    assert await ws.reader.read() == b""  # and EOF after it
+    assert await ws.reader.read() == b""
     await ws.close()
     await wait_for(lambda: not stack.gw.activity.sockets)
 
@@ -314,3 +315,20 @@ async def test_an_upgrade_without_a_valid_key_is_refused_with_400(stack: Stack) 
             **stack.headers(), "Upgrade": "websocket", "Connection": "Upgrade",
             "Sec-WebSocket-Key": "not-base64!", "Sec-WebSocket-Version": "13"}) as resp:
         assert resp.status == 400
+
+
+async def test_a_vanished_workspace_is_a_1011_close_frame_unmasked_then_eof(
+        stack: Stack) -> None:
+    from codehub.gateway.tunnel import Tunnel
+
+    await stack.add()
+    ws = await raw_connect(stack)
+    ws.send(0x1, b"x")
+    assert await ws.frame() == (0x1, b"x")
+    for tunnel in [o for o in gc.get_objects() if isinstance(o, Tunnel)]:
+        if tunnel.upstream.transport is not None:
+            tunnel.upstream.transport.abort()  # gone without a close frame
+    assert await ws.frame() == (0x8, struct.pack("!H", 1011))  # frame() checks: unmasked
+    assert await ws.reader.read() == b""
+    await ws.close()
+    await wait_for(lambda: not stack.gw.activity.sockets)
