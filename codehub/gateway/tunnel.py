@@ -19,9 +19,10 @@ Guarantees:
 - `Tunnel.run` returns only when both connections are lost; cancelling it (revocation,
   shutdown) aborts both TCP connections. Closing is bounded: a connection that cannot
   flush its buffer within CLOSE_WAIT of being closed is aborted.
-- Activity: every chunk read (either direction) calls `on_chunk`-style marking at most
-  once per MARK_EVERY seconds per side (one clock read and compare per chunk, no
-  per-frame work). `Side.data_received` is the one per-chunk hook.
+- Activity: the bytes read (either direction) mark the workspace active at most once per
+  MARK_EVERY seconds per side (one clock read and compare per chunk, no per-frame
+  work). `Side.data_received` is the one per-chunk hook (where frame inspection, if ever
+  needed, belongs).
 """
 
 from __future__ import annotations
