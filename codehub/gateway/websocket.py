@@ -5,34 +5,42 @@ Guarantees:
   the gateway's cookie removed, X-Forwarded-* set as for HTTP (proxy.Forwarding), Host
   and Origin kept; the gateway has checked the Origin before, see handler.py) and its offered
   subprotocols; the browser is then answered with the subprotocol the workspace chose.
-  A workspace that refuses the handshake makes the gateway refuse it too, before the
-  browser's upgrade is accepted.
-- Text, binary, ping and pong are relayed as they are, in order, each direction by its
-  own pump; text goes through as the bytes that arrived (never decoded, re-encoded). The
-  relay imposes no message size limit and adds no compression (permessage-deflate is
-  negotiated on neither side).
-- Close codes travel both ways: the side that closes first has its code and reason sent
-  to the other side, and the other side's answer completes the first side's handshake.
-  A side that vanishes without a close frame closes the other with 1011. Waiting for a
-  peer's close reply is bounded (CLOSE_WAIT), then the connection is dropped.
-- When either side is gone both are closed and both pumps have ended before `relay`
-  returns: no task and no socket outlives the relayed connection (a test counts them).
-- Every relayed message (either direction) marks the workspace active.
+  A workspace that refuses the handshake (a status other than 101, or a 101 that is not a
+  valid RFC 6455 answer: wrong Sec-WebSocket-Accept, a subprotocol that was not offered,
+  an extension) makes the gateway refuse it too, before the browser's upgrade is
+  accepted; an upgrade without a valid Sec-WebSocket-Key/Version 13 is refused with 400
+  before the workspace is contacted.
+- After both handshakes the gateway relays bytes, not messages (tunnel.py): frames of any
+  kind and size go through unchanged and in order, memory per socket is bounded whatever
+  the message size, backpressure works both ways. No extension is negotiated on either
+  side (Sec-WebSocket-Extensions is neither offered upstream nor answered), so the bytes
+  are plain RFC 6455 frames end to end.
+- Close codes travel both ways as the close frames' own bytes. A side that vanishes
+  without a close frame closes the other with 1011 (a close frame the gateway builds).
+  When the gateway itself ends a socket (revocation: the handler task is cancelled;
+  shutdown) both TCP connections are closed without a close frame (the browser sees
+  1006 and reconnects, then meets the gateway's checks again).
+- When either side is gone both are closed before `relay` returns: no task and no socket
+  outlives the relayed connection (a test counts them); the relay adds no task.
+- The byte flow (either direction) marks the workspace active, at most once per second
+  per direction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable
-from typing import Literal
+import base64
+import binascii
+import hashlib
+import os
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from ..metrics import WEBSOCKETS_OPEN, WEBSOCKETS_OPENED
 from .activity import Activity
 from .proxy import Forwarding, connection_tokens
+from .tunnel import Side, Tunnel
 
 _DROP_TRUSTED = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
@@ -42,9 +50,9 @@ _DROP_TRUSTED = frozenset({
     "x-forwarded-prefix", "content-length",
 })
 _DROP = _DROP_TRUSTED | {"forwarded", "x-real-ip"}  # from anyone but a trusted proxy
-_UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
-UPSTREAM_LOST = 1011
-CLOSE_WAIT = 5.0
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+HANDSHAKE_TIMEOUT = 30.0
+MAX_HEAD = 64 * 1024
 
 
 def is_upgrade(request: web.BaseRequest) -> bool:
@@ -69,10 +77,21 @@ def _offered_protocols(request: web.BaseRequest) -> list[str]:
     return out
 
 
-def _close_code(code: int | None) -> int:
-    if code is None or code < 1000 or code in _UNSENDABLE or code > 4999:
-        return 1000
-    return code
+def accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2): a check, not crypto."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode()
+
+
+def _client_key(request: web.BaseRequest) -> str | None:
+    key = request.headers.get("Sec-WebSocket-Key", "").strip()
+    if request.headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        return None
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            return None
+    except (binascii.Error, ValueError):
+        return None
+    return key
 
 
 class UpstreamRefused(Exception):
@@ -83,93 +102,149 @@ class UpstreamRefused(Exception):
         self.status = status
 
 
+
 async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
                 fwd: Forwarding, workspace_id: str, activity: Activity,
-                ) -> web.WebSocketResponse[Literal[False]]:
-    """Relay a WebSocket upgrade to `url` (ws://host:port/path?query). Raises
-    UpstreamRefused before the browser is answered if the workspace refuses."""
+                ) -> web.StreamResponse:
+    """Relay a WebSocket upgrade to `url` (ws://host:port/path?query) as a byte tunnel.
+    Raises UpstreamRefused before the browser is answered if the workspace refuses.
+    `session` only lends its connect timeout: the upstream is a connection of its own."""
+    client_key = _client_key(request)
+    if client_key is None:
+        raise UpstreamRefused(400, "not a valid WebSocket upgrade (Sec-WebSocket-Key, "
+                                   "Sec-WebSocket-Version: 13)")
+    loop = asyncio.get_running_loop()
+    tunnel = Tunnel(loop, lambda: activity.mark(workspace_id))
+    up = tunnel.upstream
+    offered = _offered_protocols(request)
+    key = base64.b64encode(os.urandom(16)).decode()
+    hostport, _, target = url.removeprefix("ws://").partition("/")
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    timeout = session.timeout.sock_connect or HANDSHAKE_TIMEOUT
     try:
-        upstream = await session.ws_connect(
-            url, protocols=_offered_protocols(request), headers=_upstream_headers(request, fwd),
-            autoclose=False, autoping=False, max_msg_size=0, compress=0, heartbeat=None,
-            decode_text=False)
-    except aiohttp.WSServerHandshakeError as exc:
-        raise UpstreamRefused(exc.status, f"workspace refused the WebSocket: {exc.message}"
-                              ) from None
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(lambda: up, host, int(port))
+    except (OSError, TimeoutError) as exc:
+        tunnel.discard()
         raise UpstreamRefused(502, f"cannot reach the workspace: {exc or type(exc).__name__}"
                               ) from None
-    browser: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
-        protocols=(upstream.protocol,) if upstream.protocol else (),
-        autoclose=False, autoping=False, max_msg_size=0, compress=False, heartbeat=None,
-        decode_text=False)
+    try:
+        assert up.transport is not None
+        up.transport.write(_upgrade_request("/" + target, request, fwd, hostport, key, offered))
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            status, headers = await _read_head(up)
+        chosen = _check_answer(status, headers, key, offered)
+    except UpstreamRefused:
+        tunnel.discard()
+        raise
+    except (OSError, TimeoutError) as exc:
+        tunnel.discard()
+        raise UpstreamRefused(502, f"the workspace did not answer the WebSocket: "
+                                   f"{exc or type(exc).__name__}") from None
+    except BaseException:
+        tunnel.discard()
+        raise
+    up.transport.pause_reading()  # until the browser is joined
+    browser = web.StreamResponse(status=101, headers={
+        "Upgrade": "websocket", "Connection": "Upgrade",
+        "Sec-WebSocket-Accept": accept_key(client_key)})
+    if chosen:
+        browser.headers["Sec-WebSocket-Protocol"] = chosen
+    browser.force_close()
     try:
         await browser.prepare(request)
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the browser is gone")
     except BaseException:
-        await upstream.close()
+        tunnel.discard()
         raise
+    # Take the browser's connection over from aiohttp: set_parser hands the bytes the
+    # browser sent after its request (and keeps aiohttp from parsing more); then the
+    # transport's protocol becomes the tunnel's, and its loss is reported to aiohttp's.
+    proto = request.protocol
+    side = tunnel.browser
+    proto.set_parser(side)  # type: ignore[arg-type]
+    proto.keep_alive(False)
+    side.on_lost = proto.connection_lost
+    side.attach(transport)
+    transport.set_protocol(side)
+    tunnel.join()
     activity.socket_opened(workspace_id)
     WEBSOCKETS_OPENED.inc()
     WEBSOCKETS_OPEN.inc()
-    mark = activity.mark
-    # One pump runs in this (the request's) task, the other in a task of its own: an idle
-    # relayed socket costs one extra task, not two.
-    to_browser = asyncio.ensure_future(_pump(upstream, browser, workspace_id, mark))
     try:
-        await _pump(browser, upstream, workspace_id, mark)
-        # The browser side is finished and the upstream side closed or closing: its pump's
-        # receive() is woken by that close and ends.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(to_browser), timeout=CLOSE_WAIT)
+        await tunnel.run()
     finally:
-        if not to_browser.done():
-            to_browser.cancel()
-        await asyncio.gather(to_browser, return_exceptions=True)
         activity.socket_closed(workspace_id)
         WEBSOCKETS_OPEN.dec()
-        await _close(upstream, UPSTREAM_LOST, b"")
-        await _close(browser, UPSTREAM_LOST, b"")
     return browser
 
 
-# Both ends are made with decode_text=False: text messages carry bytes.
-_Socket = web.WebSocketResponse[Literal[False]] | aiohttp.ClientWebSocketResponse[Literal[False]]
+def _upgrade_request(target: str, request: web.BaseRequest, fwd: Forwarding, hostport: str,
+                     key: str, offered: list[str]) -> bytes:
+    lines = [f"GET {target} HTTP/1.1"]
+    headers = _upstream_headers(request, fwd)
+    if not any(k.lower() == "host" for k, _ in headers):
+        lines.append(f"Host: {hostport}")
+    lines.extend(f"{k}: {v}" for k, v in headers)
+    lines += ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
+              "Sec-WebSocket-Version: 13"]
+    if offered:
+        lines.append("Sec-WebSocket-Protocol: " + ", ".join(offered))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
-async def _pump(src: _Socket, dst: _Socket, workspace_id: str, mark: Callable[[str], None]) -> None:
-    """Copy messages from src to dst until src closes (then close dst with its code)."""
-    receive = src.receive
+async def _read_head(up: Side) -> tuple[int, dict[str, str]]:
+    """The workspace's answer head; bytes after it stay in the side's buffer."""
+    loop = asyncio.get_running_loop()
     while True:
-        msg = await receive()
-        kind = msg.type
-        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-            # Text stays bytes (decode_text=False): relayed without decoding/re-encoding.
-            mark(workspace_id)
-            await dst.send_frame(msg.data, kind)
-        elif kind is WSMsgType.PING:
-            mark(workspace_id)
-            await dst.ping(msg.data)
-        elif kind is WSMsgType.PONG:
-            await dst.pong(msg.data)
-        elif kind is WSMsgType.CLOSE:
-            # src started the close: pass its code on, then answer src with dst's reply.
-            code = _close_code(msg.data)
-            reason = (msg.extra or "").encode()[:123]
-            await _close(dst, code, reason)
-            reply = dst.close_code
-            await _close(src, _close_code(reply) if reply else code, reason)
-            return
-        elif kind is WSMsgType.CLOSING:
-            return  # the other pump is closing this side and completes the handshake
-        else:  # CLOSED or ERROR: src vanished without a close frame
-            await _close(dst, UPSTREAM_LOST, b"peer gone")
-            return
+        buf = up.buffer or bytearray()
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        if len(buf) > MAX_HEAD:
+            raise UpstreamRefused(502, "the workspace's WebSocket answer head is too large")
+        if up.lost:
+            raise UpstreamRefused(502, "the workspace closed the connection during the "
+                                       "WebSocket handshake")
+        up.waiter = loop.create_future()
+        await up.waiter
+        up.waiter = None
+    head = bytes(buf[:end]).decode("latin-1")
+    rest = buf[end + 4:]
+    up.buffer = rest if rest else None
+    status_line, *header_lines = head.split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise UpstreamRefused(502, f"the workspace answered the WebSocket with "
+                                   f"{status_line[:80]!r}")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise UpstreamRefused(502, "the workspace's WebSocket answer has a bad header")
+        lname = name.strip().lower()
+        headers[lname] = (headers[lname] + ", " if lname in headers else "") + value.strip()
+    return int(parts[1]), headers
 
 
-async def _close(ws: _Socket, code: int, reason: bytes) -> None:
-    """Close with a bounded wait for the peer's close frame. aiohttp's own timeout restarts
-    with every message the peer sends meanwhile, so a peer that keeps talking but never
-    answers the close (code-server's server does so) would hold the socket forever."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(CLOSE_WAIT):
-            await ws.close(code=code, message=reason)
+def _check_answer(status: int, headers: dict[str, str], key: str, offered: list[str],
+                  ) -> str | None:
+    if status != 101:
+        raise UpstreamRefused(status, f"workspace refused the WebSocket: {status}")
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in tokens:
+        raise UpstreamRefused(502, "workspace refused the WebSocket: no upgrade in its 101")
+    if headers.get("sec-websocket-accept") != accept_key(key):
+        raise UpstreamRefused(502, "workspace refused the WebSocket: wrong "
+                                   "Sec-WebSocket-Accept")
+    if headers.get("sec-websocket-extensions"):
+        raise UpstreamRefused(502, "workspace refused the WebSocket: it answered with an "
+                                   "extension that was not offered")
+    chosen = headers.get("sec-websocket-protocol") or None
+    if chosen is not None and chosen not in offered:
+        raise UpstreamRefused(502, "workspace refused the WebSocket: it chose a subprotocol "
+                                   "that was not offered")
+    return chosen

@@ -1,14 +1,17 @@
-"""The WebSocket relay against the echo workspace image (real Docker): the guarantees of
-codehub/gateway/websocket.py, one test each."""
+"""The WebSocket relay (a byte tunnel) against the echo workspace image (real Docker): the
+guarantees of codehub/gateway/websocket.py, one test each."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 
 import aiohttp
 from gateway_support import Stack, client, wait_for
+
+from codehub.gateway.tunnel import Tunnel
 
 WS_PATH = "/w/echo/_echo/ws"
 
@@ -123,12 +126,12 @@ async def test_workspace_vanishing_closes_the_browser_socket_with_1011(stack: St
     async with client() as http, http.ws_connect(ws_url(stack), headers=stack.headers()) as ws:
         await ws.send_str("x")
         await ws.receive()
-        # Cut every upstream WebSocket connection of the gateway without a close frame.
-        connector = gw.session.connector
-        assert connector is not None
-        for proto in list(connector._acquired):  # the relayed sockets' connections
-            if proto.transport is not None:
-                proto.transport.abort()
+        # Cut every upstream connection of the gateway's tunnels without a close frame.
+        tunnels = [o for o in gc.get_objects() if isinstance(o, Tunnel)]
+        assert tunnels
+        for tunnel in tunnels:
+            if tunnel.upstream.transport is not None:
+                tunnel.upstream.transport.abort()
         msg = await ws.receive(timeout=10)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert ws.close_code == 1011
