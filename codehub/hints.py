@@ -4,7 +4,9 @@ Guarantees (both buses):
 - `publish` never raises because the bus is down; a lost hint only costs latency, because
   every subscriber resyncs after each (re)subscription and periodically.
 - `subscribe` yields None first and after every reconnection ("you may have missed hints:
-  resync"), then workspace ids as they arrive. It reconnects by itself after an outage.
+  resync"), then workspace ids as they arrive. It reconnects by itself after an outage,
+  retrying with capped exponential backoff (`retry_delay` doubling up to `retry_max`),
+  and logs the outage once when it starts and once when it ends, however long it lasts.
 
 InProcessHintBus is the embedded default (one replica); RedisHintBus uses pub/sub on
 `constants.HINT_CHANNEL` so every replica hears every hint.
@@ -64,10 +66,11 @@ class RedisHintBus(HintBus):
     """Redis pub/sub. An outage is logged once when it starts and once when it ends."""
 
     def __init__(self, url: str, *, channel: str = constants.HINT_CHANNEL,
-                 retry_delay: float = 1.0) -> None:
+                 retry_delay: float = 0.5, retry_max: float = 4.0) -> None:
         self.url = url
         self.channel = channel
         self.retry_delay = retry_delay
+        self.retry_max = retry_max
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10)
         self._publish_down = False
@@ -75,10 +78,11 @@ class RedisHintBus(HintBus):
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def ping(self) -> bool:
+    async def ping(self, timeout: float = 5.0) -> bool:
         try:
-            return bool(await self._client.ping())
-        except RedisError:
+            async with asyncio.timeout(timeout):
+                return bool(await self._client.ping())
+        except (RedisError, OSError):  # TimeoutError included
             return False
 
     async def publish(self, workspace_id: str) -> None:
@@ -100,6 +104,7 @@ class RedisHintBus(HintBus):
 
     async def subscribe(self) -> AsyncIterator[str | None]:
         down = False
+        delay = self.retry_delay
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -107,6 +112,7 @@ class RedisHintBus(HintBus):
                 if down:
                     log.info("redis subscription restored")
                     down = False
+                delay = self.retry_delay
                 yield None
                 while True:
                     msg = await pubsub.get_message(timeout=None)
@@ -124,4 +130,5 @@ class RedisHintBus(HintBus):
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(self.retry_delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.retry_max)
