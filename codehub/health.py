@@ -5,8 +5,8 @@
   applied, and Redis answers when one is configured (`redis.url`); 503 with the reason
   otherwise, within about 2 s each (a hung server counts as not answering). Running
   workspaces keep being proxied while it says 503: it tells a load balancer or an
-  operator that new work (wake-ups, the API) cannot be done here now. The body also says whether this replica is the
-  reconciler's leader (`"leader": true|false`); every replica serves traffic either way.
+  operator that new work (wake-ups, the API) cannot be done here now. The body also
+  says whether this replica is the reconciler's leader (`"leader": true|false`); every replica serves traffic either way.
 """
 
 from __future__ import annotations
