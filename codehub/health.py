@@ -6,7 +6,8 @@
   otherwise, within about 2 s each (a hung server counts as not answering). Running
   workspaces keep being proxied while it says 503: it tells a load balancer or an
   operator that new work (wake-ups, the API) cannot be done here now. The body also
-  says whether this replica is the reconciler's leader (`"leader": true|false`); every replica serves traffic either way.
+  says whether this replica is the reconciler's leader (`"leader": true|false`); every
+  replica serves traffic either way.
 """
 
 from __future__ import annotations
