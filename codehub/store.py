@@ -14,13 +14,21 @@ Guarantees:
   moves a mark backwards.
 - TTL sweeps are one indexed UPDATE each; a row touched (last_access_at moved) while the
   sweep runs is re-checked under its row lock and not stepped down.
+- No call waits on the database longer than `timeout` seconds (pool acquire and query
+  together, `database.statement_timeout`): a database that is down, refuses connections
+  or has stopped answering (frozen, partitioned) raises `StoreUnavailable` within that
+  time, whatever the cause. `StoreUnavailable` is a `ConnectionError`, so callers that
+  treat OSError as "database unreachable" keep doing so.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -125,11 +133,98 @@ class AlreadyExists(Exception):
     """A workspace with this id exists."""
 
 
+class StoreUnavailable(ConnectionError):
+    """The database did not answer within the store's timeout (down, refusing, frozen)."""
+
+
+# What "the database is unavailable" looks like from asyncpg: connection failures, a
+# connection lost mid-query, a server shutting down or starting, our own timeout.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError)
+
+
+class _BoundedPool:
+    """The part of asyncpg.Pool the store uses, each call bounded by `timeout`."""
+
+    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        if isinstance(self.pool, asyncpg.Connection):  # a Store on one connection (tests)
+            try:
+                yield self.pool
+            except UNAVAILABLE as exc:
+                raise _unavailable(exc) from exc
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = await self.pool.acquire()
+        except UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        try:
+            yield conn
+        except UNAVAILABLE as exc:
+            await self._drop(conn)
+            conn = None
+            raise _unavailable(exc) from exc
+        except asyncio.CancelledError:  # e.g. our own deadline, mid-query
+            await self._drop(conn)
+            conn = None
+            raise
+        finally:
+            if conn is not None:
+                await self._release(conn)
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        try:
+            await self.pool.release(conn, timeout=self.timeout)
+        except Exception:  # a reset that failed or hung: the connection is not reused
+            conn.terminate()
+
+    async def _drop(self, conn: asyncpg.Connection) -> None:
+        # Never reset a connection whose query timed out or failed mid-way (the reset
+        # would wait on the same dead server): close it, and hand its slot back.
+        conn.terminate()
+        with contextlib.suppress(Exception):  # terminated already; the pool replaces it
+            await self.pool.release(conn, timeout=self.timeout)
+
+    async def _call(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
+        try:
+            async with asyncio.timeout(self.timeout), self.acquire() as conn:
+                return await getattr(conn, method)(query, *args, timeout=self.timeout)
+        except UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._call("fetch", query, args)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        return await self._call("fetchrow", query, args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._call("fetchval", query, args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        return await self._call("execute", query, args)  # type: ignore[no-any-return]
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    return StoreUnavailable(f"database unavailable: {str(exc) or type(exc).__name__}")
+
+
 class Store:
     """Reads and compare-and-set writes of workspace rows."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
+    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, *,
+                 timeout: float = 1.5) -> None:
+        self.raw_pool = pool
+        self.pool = _BoundedPool(pool, timeout)
 
     async def create(
         self, *, id: str, owner: str, image_ref: str,

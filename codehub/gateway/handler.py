@@ -30,6 +30,9 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
   recorded reason; being deleted: 502; unknown workspace: 404.
 - A running workspace that refuses the connection: its row is read again; if it is no
   longer running the state answer above is given, else a 502 page.
+- The database unavailable: a workspace with a known route keeps being proxied (see
+  routes); anything that needs a read or write it cannot make (an unknown workspace, a
+  wake-up, a link exchange) gets 503 + Retry-After within `database.statement_timeout`.
 """
 
 from __future__ import annotations
@@ -117,7 +120,8 @@ class Gateway:
             cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=g.upstream_connect_timeout),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
-        self.routes = RouteTable(store, instances, ttl=g.route_ttl)
+        self.routes = RouteTable(store, instances, ttl=g.route_ttl,
+                                 stale_max=g.stale_route_max)
         self.watchers = Watchers(self.routes, self.ready, poll_interval=g.events_poll_interval)
         self.stream_slots = events.StreamSlots(per_workspace=g.events_per_workspace,
                                                per_client=g.events_per_client)
@@ -162,6 +166,12 @@ class Gateway:
         return self.refuse(request, 403, "Access denied.",
                            f"Your access {why}. Ask for a new access link.", workspace_id)
 
+    def db_unavailable(self, request: web.Request, workspace_id: str, exc: Exception,
+                       ) -> web.Response:
+        return self.refuse(request, 503, "CodeHub cannot reach its database.",
+                           "Try again in a moment.", workspace_id, detail=str(exc),
+                           retry_after=self.retry_after)
+
     async def wake(self, workspace_id: str) -> None:
         """Ask for RUNNING, record the access now (so the TTL sweep does not put the
         workspace straight back to sleep) and hint the reconciler."""
@@ -202,8 +212,7 @@ class Gateway:
                 route = await self.routes.get(workspace_id)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
                     DatabaseUnavailable) as exc:
-                return self.refuse(request, 502, "CodeHub cannot reach its database.",
-                                   "Try again in a moment.", workspace_id, detail=str(exc))
+                return self.db_unavailable(request, workspace_id, exc)
             ws = route.workspace or ws
         return self.pages.loading(workspace_id, ws, self.origins.prefix(workspace_id) + "/")
 
@@ -220,8 +229,7 @@ class Gateway:
                 cred = await self.redeem(workspace_id, cred)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
                     DatabaseUnavailable) as exc:
-                return self.refuse(request, 502, "CodeHub cannot reach its database.",
-                                   "Try again in a moment.", workspace_id, detail=str(exc))
+                return self.db_unavailable(request, workspace_id, exc)
         if cred.verdict is not Verdict.OK:
             # A browser that already holds a good cookie (a reload of the link's URL) is
             # sent on; the request after the redirect is checked in full.
@@ -367,8 +375,7 @@ class Gateway:
             try:
                 route = await self.routes.get(workspace_id)
             except DatabaseUnavailable as exc:
-                return self.refuse(request, 502, "CodeHub cannot reach its database.",
-                                   "Try again in a moment.", workspace_id, detail=str(exc))
+                return self.db_unavailable(request, workspace_id, exc)
         ws = route.workspace
         if ws is not None and ws.access_nonce != cred.nonce:
             return self.denied(request, workspace_id, Verdict.REVOKED)

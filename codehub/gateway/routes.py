@@ -14,8 +14,17 @@ Guarantees:
   any other after `short_ttl`. A lost hint costs at most that much staleness, and a
   stale route to a stopped workspace shows up sooner as a refused connection, which the
   proxy answers by invalidating the route and reading the row again.
-- When the database cannot be read, a route that was proxyable is kept (and retried
-  after `short_ttl`): a database outage does not interrupt running workspaces.
+- When the database cannot be read (`StoreUnavailable`: down, refusing or not answering
+  within `database.statement_timeout`), the last proxyable route read for a workspace is
+  served for up to `stale_max` seconds after that read, even if a hint dropped it since:
+  a database outage does not interrupt running workspaces. The first failed read of an
+  outage waits at most the store's timeout; from then on, until a read succeeds, a known
+  route is served at once while one re-read per workspace runs in the background. Each
+  such request counts in `codehub_stale_routes_served`; `codehub_database_unavailable` is
+  1 during the outage, which is logged once when it starts and once when it ends. (A
+  revocation made just before an outage may therefore take up to `stale_max` to bite.)
+- A workspace with no usable known route during an outage raises `DatabaseUnavailable`
+  (the handler answers 503 with Retry-After).
 """
 
 from __future__ import annotations
@@ -26,12 +35,10 @@ import logging
 import time
 from collections.abc import Callable
 
-import asyncpg
-
 from ..interfaces import HintBus, InstanceController
-from ..metrics import ROUTE_LOADS
+from ..metrics import DATABASE_UNAVAILABLE, ROUTE_LOADS, STALE_ROUTES_SERVED
 from ..model import Operation, Status, Workspace
-from ..store import Store
+from ..store import UNAVAILABLE, Store
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +46,15 @@ log = logging.getLogger(__name__)
 class Route:
     """What the gateway knows about one workspace. `host` is "" unless proxyable."""
 
-    __slots__ = ("expires", "host", "port", "workspace")
+    __slots__ = ("expires", "host", "port", "read_at", "workspace")
 
     def __init__(self, workspace: Workspace | None, host: str, port: int,
-                 expires: float) -> None:
+                 expires: float, read_at: float = 0.0) -> None:
         self.workspace = workspace
         self.host = host
         self.port = port
         self.expires = expires
+        self.read_at = read_at  # monotonic time of the database read behind it
 
     @property
     def proxyable(self) -> bool:
@@ -59,12 +67,18 @@ class DatabaseUnavailable(Exception):
 
 class RouteTable:
     def __init__(self, store: Store, instances: InstanceController, *, ttl: float,
-                 short_ttl: float = 1.0) -> None:
+                 short_ttl: float = 1.0, stale_max: float = 300.0) -> None:
         self.store = store
         self.instances = instances
         self.ttl = ttl
         self.short_ttl = short_ttl
+        self.stale_max = stale_max
         self._routes: dict[str, Route] = {}
+        # The last proxyable route read per workspace, kept through hints: served only
+        # while the database cannot be read.
+        self._known: dict[str, Route] = {}
+        self.down = False  # the last read failed because the database is unavailable
+        self._stale_served = 0
         self._loading: dict[str, asyncio.Task[Route]] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self.loads = 0  # database reads made: tests assert the hot path makes none
@@ -85,7 +99,22 @@ class RouteTable:
             task = asyncio.get_running_loop().create_task(self._load(workspace_id))
             self._loading[workspace_id] = task
             task.add_done_callback(lambda t: self._loaded(workspace_id, t))
+        if self.down:
+            stale = self._stale(workspace_id, time.monotonic())
+            if stale is not None:
+                self._served_stale()
+                return stale
         return await asyncio.shield(task)
+
+    def _stale(self, workspace_id: str, now: float) -> Route | None:
+        known = self._known.get(workspace_id)
+        if known is None or now - known.read_at > self.stale_max:
+            return None
+        return known
+
+    def _served_stale(self) -> None:
+        self._stale_served += 1
+        STALE_ROUTES_SERVED.inc()
 
     async def fresh(self, workspace_id: str) -> Route:
         """Read the row again now (the cached route is replaced; waiters are not woken)."""
@@ -106,22 +135,45 @@ class RouteTable:
         now = time.monotonic()
         try:
             ws = await self.store.get(workspace_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            old = self._routes.get(workspace_id)
-            if old is not None and old.proxyable:
-                log.warning("database unreadable, keeping the route of %s: %s",
-                            workspace_id, exc)
-                old.expires = now + self.short_ttl
-                return old
+        except UNAVAILABLE as exc:
+            self._outage(exc)
+            now = time.monotonic()
+            old = self._stale(workspace_id, now)
+            if old is not None:
+                self._served_stale()
+                # retried after short_ttl (in the background while the outage lasts)
+                return Route(old.workspace, old.host, old.port, now + self.short_ttl,
+                             old.read_at)
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        self._recovered()
         if ws is None or ws.status is not Status.RUNNING or ws.operation is not Operation.NONE:
-            return Route(ws, "", 0, now + self.short_ttl)
+            self._known.pop(workspace_id, None)
+            return Route(ws, "", 0, now + self.short_ttl, now)
         try:
             info = await self.instances.resolve_upstream(workspace_id)
         except Exception as exc:  # any runtime failure: not reachable (yet); retry soon
             log.info("workspace %s is RUNNING but has no upstream yet: %s", workspace_id, exc)
-            return Route(ws, "", 0, now + self.short_ttl)
-        return Route(ws, info.host, info.port, now + self.ttl)
+            self._known.pop(workspace_id, None)
+            return Route(ws, "", 0, now + self.short_ttl, now)
+        route = Route(ws, info.host, info.port, now + self.ttl, now)
+        self._known[workspace_id] = route
+        return route
+
+    def _outage(self, exc: BaseException) -> None:
+        if not self.down:
+            self.down = True
+            self._stale_served = 0
+            DATABASE_UNAVAILABLE.set(1)
+            log.warning("database unavailable (%s): serving running workspaces from their last "
+                        "known routes for up to %gs; other requests get 503",
+                        exc or type(exc).__name__, self.stale_max)
+
+    def _recovered(self) -> None:
+        if self.down:
+            self.down = False
+            DATABASE_UNAVAILABLE.set(0)
+            log.info("database available again; %d request(s) were served from stale routes",
+                     self._stale_served)
 
     def invalidate(self, workspace_id: str) -> None:
         self._routes.pop(workspace_id, None)
@@ -142,6 +194,8 @@ class RouteTable:
         now = time.monotonic()
         for wid in [w for w, r in self._routes.items() if r.expires <= now]:
             del self._routes[wid]
+        for wid in [w for w, r in self._known.items() if now - r.read_at > self.stale_max]:
+            del self._known[wid]
 
     def changed(self, workspace_id: str) -> asyncio.Event:
         """An event set by the next hint about the workspace (or a resubscription)."""

@@ -28,7 +28,7 @@ import pytest
 from aiohttp import web
 from harness import services
 
-from codehub import api, gateway, keys
+from codehub import api, gateway, health, keys
 from codehub.config import AuthConfig, Config, DockerConfig, GatewayConfig, ServerConfig
 from codehub.gateway import auth
 from codehub.hints import InProcessHintBus
@@ -154,7 +154,8 @@ class Stack:
 
 async def open_stack(database_url: str, up: Upstream, tmp_path: Path,
                      server: ServerConfig | None = None, *, hints: HintBus | None = None,
-                     port: int = 0, with_api: bool = False, **gateway_settings: Any,
+                     port: int = 0, with_api: bool = False, with_health: bool = False,
+                     **gateway_settings: Any,
                      ) -> AsyncIterator[Stack]:
     """`hints`: the bus (default: a new in-process one); `port`: 0 for any free one;
     `with_api`: the admin API mounted as app.py does (it then mints the links). A second
@@ -175,6 +176,9 @@ async def open_stack(database_url: str, up: Upstream, tmp_path: Path,
     app[keys.INSTANCES] = ctrl
     if with_api:
         api.setup(app)
+    if with_health:  # /healthz and /readyz as app.py mounts them
+        app[keys.POOL] = pool
+        health.setup(app)
     gateway.setup(app, instances=keys.INSTANCES, access_links=not with_api)
     # handler_cancellation as `codehub serve` runs it: a client that goes away cancels its
     # handler, so a proxied request waiting on the workspace does not outlive its client.

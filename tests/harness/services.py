@@ -313,6 +313,36 @@ class PostgresServer(Service):
         super().__init__()
         self.dsn = dsn
         self._child: _Child | None = None
+        self._spawn: Callable[[], _Child] | None = None  # set for a server we started
+
+    def pids(self) -> list[int]:
+        """The postmaster and every backend/auxiliary process of our cluster."""
+        if self._child is None or not self._child.alive():
+            return []
+        import psutil
+        root = psutil.Process(self._child.proc.pid)
+        return [root.pid, *(c.pid for c in root.children(recursive=True))]
+
+    def stop_server(self) -> None:
+        """Fast shutdown (as `pg_ctl stop -m fast`); `start_server` brings it back."""
+        if self._spawn is None:
+            raise ServiceError("not our PostgreSQL: cannot stop it")
+        if self._child is not None:
+            self._child.stop()
+
+    def start_server(self, timeout: float = 60) -> None:
+        """Start our server again on the same port and data; returns when it answers."""
+        if self._spawn is None:
+            raise ServiceError("not our PostgreSQL: cannot start it")
+        self._child = self._spawn()
+        _wait_until(self._ready_check, self._child, timeout, "postgres")
+
+    def _ready_check(self) -> bool:
+        parts = urlsplit(self.dsn)
+        proc = subprocess.run([str(_pg_bin() / "pg_isready"), "-q", "-h", LOOPBACK, "-p",
+                               str(parts.port), "-U", "postgres"],
+                              capture_output=True, timeout=10, check=False)
+        return proc.returncode == 0
 
     def close(self) -> None:
         if self._child is not None:
@@ -487,6 +517,9 @@ def start_postgres() -> PostgresServer:
                 proc = subprocess.run(check, capture_output=True, timeout=10, check=False)
                 return proc.returncode == 0
 
+            server._spawn = functools.partial(
+                _Child, args, tmp / "postgres.log", stop_signal=signal.SIGINT, cwd=tmp,
+                env=env, user=run_as.get("user"), group=run_as.get("group"))
             try:
                 _wait_until(ready, server._child, 60, "postgres")
                 break
