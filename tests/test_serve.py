@@ -116,6 +116,29 @@ def test_serve_on_embedded_defaults_is_ready_and_stops_cleanly_on_sigterm(
     assert elapsed < 10
 
 
+def test_serve_sigkilled_then_restarted_adopts_and_stops_the_orphaned_postgres(
+        data_dir: Path) -> None:
+    port = free_port()
+    env = base_env(CODEHUB_DATA_DIR=str(data_dir), CODEHUB_SERVER__PORT=str(port))
+    proc = codehub("serve", env=env)
+    try:
+        wait_ready(port, proc)
+        orphans = postgres_processes(data_dir / "postgres")
+        assert orphans
+        proc.kill()  # no shutdown at all: the embedded server is orphaned
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [p for p in orphans if p.is_running()], "the server should outlive a SIGKILL"
+
+    output, _ = serve_and_stop(data_dir)  # adopts the orphan, SIGTERM: nothing left
+    assert "embedded PostgreSQL reused" in output
+    assert "adopting the server of exited process(es)" in output, output
+    assert not [p for p in orphans if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 def test_unreachable_database_exits_3_with_one_line_after_retrying() -> None:
     port = free_port()  # nothing listens here
     env = base_env(CODEHUB_DATABASE__URL=f"postgresql://u:p@127.0.0.1:{port}/x",

@@ -257,16 +257,18 @@ async def _redis_outage(stack: Stack, private_redis: services.RedisServer) -> No
     patch = {"warm_ttl_seconds": 600}
     patches: list[float] = []  # seconds each PATCH (which publishes a hint) took
 
-    async def api_patch(ttl: int) -> float:
-        patch["warm_ttl_seconds"] = ttl
+    async def api_patch() -> float:
+        """A PATCH that changes the row (an unchanged row publishes no hint)."""
+        patch["warm_ttl_seconds"] += 1
         t0 = time.monotonic()
         async with client() as s, s.patch(
                 stack.url(f"/api/v1/workspaces/{ECHO_ID}"), json=patch,
                 headers=ADMIN, timeout=aiohttp.ClientTimeout(total=5)) as resp:
             assert resp.status in (200, 202), await resp.text()
+        patches.append(time.monotonic() - t0)
         return t0
 
-    t0 = await api_patch(600)
+    t0 = await api_patch()
     await wait_for(lambda: any(t >= t0 for t, _ in heard), 5)
     clients = Clients(stack)
     await clients.start()
@@ -274,14 +276,14 @@ async def _redis_outage(stack: Stack, private_redis: services.RedisServer) -> No
     await asyncio.to_thread(private_redis.stop)
     await asyncio.sleep(3)
     assert await _status(stack.url("/readyz")) == 503
-    t0 = await api_patch(601)  # works; its hint is lost (resync covers it)
+    t0 = await api_patch()  # works; its hint is lost (resync covers it)
     await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - t_fault)))
     t_heal = time.monotonic()
     await asyncio.to_thread(private_redis.start)
     # the gateway resubscribes by itself (backoff capped at a few seconds)
     deadline = time.monotonic() + 15
     while True:
-        t0 = await api_patch(602 + len(heard))
+        t0 = await api_patch()
         try:
             await wait_for(lambda t0=t0: any(t >= t0 for t, _ in heard), 1)
             break
