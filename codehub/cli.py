@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import client, postgres, store
 from . import config as config_mod
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .gateway import limits
 
 EXIT_CONFIG = 2
 EXIT_DATABASE = 3
@@ -137,9 +144,10 @@ async def _migrate(cfg: config_mod.Config) -> int:
 
 
 def _serve(cfg: config_mod.Config) -> int:
-    from aiohttp import web
+    from aiohttp.web_runner import GracefulExit
 
     from .app import build_app
+    from .gateway import limits
 
     try:
         import uvloop
@@ -148,18 +156,54 @@ def _serve(cfg: config_mod.Config) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop = asyncio.new_event_loop()
         loop_name = "asyncio"
-    log.info("codehub serving on http://%s:%d (%s); data_dir %s", cfg.server.host,
-             cfg.server.port, loop_name, cfg.data_path)
-    web.run_app(
-        build_app(cfg), host=cfg.server.host, port=cfg.server.port,
-        shutdown_timeout=cfg.server.shutdown_timeout, loop=loop, print=None,
-        # a client that goes away cancels its handler: a proxied request waiting on a
-        # workspace must not outlive its browser (nor hold up a shutdown)
-        handler_cancellation=True,
-        access_log=logging.getLogger("aiohttp.access") if cfg.log_level == "DEBUG" else None,
-    )
+    soft = limits.raise_descriptor_limit()
+    admission = limits.Admission(cfg.limits, limits.global_cap(cfg.limits, soft))
+    log.info("codehub serving on http://%s:%d (%s); data_dir %s; at most %d connections, "
+             "%d per client", cfg.server.host, cfg.server.port, loop_name, cfg.data_path,
+             admission.max_connections, admission.per_client)
+    # web.run_app, but with the listener's protocol factory wrapped by the admission check
+    asyncio.set_event_loop(loop)
+    main_task = loop.create_task(_run(cfg, build_app(cfg), admission))
+    try:
+        loop.run_until_complete(main_task)
+    except (GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main_task.done():
+                main_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main_task)
+        finally:
+            rest = asyncio.all_tasks(loop)
+            for task in rest:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
     log.info("codehub stopped")
     return 0
+
+
+async def _run(cfg: config_mod.Config, app: web.Application,
+               admission: limits.Admission) -> None:
+    from aiohttp import web
+
+    from .gateway import limits
+
+    runner = web.AppRunner(
+        app, handle_signals=True, shutdown_timeout=cfg.server.shutdown_timeout,
+        # a client that goes away cancels its handler: a proxied request waiting on a
+        # workspace must not outlive its browser (nor hold up a shutdown)
+        handler_cancellation=True, keepalive_timeout=cfg.limits.idle_timeout,
+        access_log=logging.getLogger("aiohttp.access") if cfg.log_level == "DEBUG" else None,
+    )
+    await runner.setup()
+    try:
+        await limits.AdmittedSite(runner, admission, cfg.server.host, cfg.server.port).start()
+        await asyncio.Event().wait()  # until SIGTERM/SIGINT (GracefulExit) cancels this
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,6 +28,8 @@ Guarantees (DESIGN.md "What a browser sees at /w/{id}/"):
   recorded reason; being deleted: 502; unknown workspace: 404.
 - A running workspace that refuses the connection: its row is read again; if it is no
   longer running the state answer above is given, else a 502 page.
+- A WebSocket upgrade over limits.websockets_per_workspace or limits.websockets_per_client
+  gets 429 with Retry-After before anything is sent to the workspace (limits.py counts).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from ..config import Config
 from ..interfaces import HintBus, InstanceController
 from ..model import DesiredState, Operation, Status
 from ..store import Store
-from . import auth, events
+from . import auth, events, limits
 from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
 from .origins import Origins
@@ -120,6 +122,7 @@ class Gateway:
         # Relayed WebSockets by workspace: the handler task and its cookie's nonce.
         self._sockets: dict[str, dict[asyncio.Task[Any], str]] = {}
         self._rechecks: set[asyncio.Task[None]] = set()
+        self.ws_limits = limits.WebSocketLimits(cfg.limits)
 
     async def close(self) -> None:
         for task in list(self._rechecks):
@@ -363,6 +366,18 @@ class Gateway:
     async def websocket(self, request: web.Request, workspace_id: str, route: Route,
                         target: str, fwd: Forwarding, nonce: str) -> web.StreamResponse:
         url = f"ws://{route.host}:{route.port}{target}"
+        client = limits.client_address(request.remote or "", fwd.trusted,
+                                       request.headers.get("X-Forwarded-For"))
+        refused = self.ws_limits.acquire(workspace_id, client)
+        if refused is not None:
+            return refused
+        try:
+            return await self._relay(request, workspace_id, url, fwd, nonce)
+        finally:
+            self.ws_limits.release(workspace_id, client)
+
+    async def _relay(self, request: web.Request, workspace_id: str, url: str,
+                     fwd: Forwarding, nonce: str) -> web.StreamResponse:
         task = asyncio.current_task()
         sockets = self._sockets.setdefault(workspace_id, {})
         if task is not None:
