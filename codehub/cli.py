@@ -144,9 +144,18 @@ async def _migrate(cfg: config_mod.Config) -> int:
 
 
 def _serve(cfg: config_mod.Config) -> int:
+    from .app import build_app
+
+    serve_app(cfg, build_app(cfg))
+    return 0
+
+
+def serve_app(cfg: config_mod.Config, app: web.Application) -> None:
+    """Serve `app` on server.host/port until SIGTERM/SIGINT: aiohttp's run_app, with the
+    listener's protocol factory wrapped by the connection admission (gateway/limits.py)
+    and the descriptor soft limit raised first."""
     from aiohttp.web_runner import GracefulExit
 
-    from .app import build_app
     from .gateway import limits
 
     try:
@@ -161,9 +170,8 @@ def _serve(cfg: config_mod.Config) -> int:
     log.info("codehub serving on http://%s:%d (%s); data_dir %s; at most %d connections, "
              "%d per client", cfg.server.host, cfg.server.port, loop_name, cfg.data_path,
              admission.max_connections, admission.per_client)
-    # web.run_app, but with the listener's protocol factory wrapped by the admission check
     asyncio.set_event_loop(loop)
-    main_task = loop.create_task(_run(cfg, build_app(cfg), admission))
+    main_task = loop.create_task(_run(cfg, app, admission))
     try:
         loop.run_until_complete(main_task)
     except (GracefulExit, KeyboardInterrupt):
@@ -182,7 +190,6 @@ def _serve(cfg: config_mod.Config) -> int:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
     log.info("codehub stopped")
-    return 0
 
 
 async def _run(cfg: config_mod.Config, app: web.Application,
