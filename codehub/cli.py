@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import client, postgres, store
 from . import config as config_mod
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .gateway import limits
 
 EXIT_CONFIG = 2
 EXIT_DATABASE = 3
@@ -137,12 +144,21 @@ async def _migrate(cfg: config_mod.Config) -> int:
 
 
 def _serve(cfg: config_mod.Config) -> int:
-    from aiohttp import web
-
     from .app import build_app
-    from .limits import raise_nofile
 
-    raise_nofile()
+    serve_app(cfg, build_app(cfg))
+    return 0
+
+
+def serve_app(cfg: config_mod.Config, app: web.Application) -> None:
+    """Serve `app` on server.host/port until SIGTERM/SIGINT: aiohttp's run_app, with the
+    listener's protocol factory wrapped by the connection admission (gateway/limits.py)
+    and the descriptor soft limit raised first (rlimit.py)."""
+    from aiohttp.web_runner import GracefulExit
+
+    from .gateway import limits
+    from .rlimit import raise_nofile
+
     try:
         import uvloop
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
@@ -150,18 +166,52 @@ def _serve(cfg: config_mod.Config) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop = asyncio.new_event_loop()
         loop_name = "asyncio"
-    log.info("codehub serving on http://%s:%d (%s); data_dir %s", cfg.server.host,
-             cfg.server.port, loop_name, cfg.data_path)
-    web.run_app(
-        build_app(cfg), host=cfg.server.host, port=cfg.server.port,
-        shutdown_timeout=cfg.server.shutdown_timeout, loop=loop, print=None,
+    soft = raise_nofile()
+    admission = limits.Admission(cfg.limits, limits.global_cap(cfg.limits, soft))
+    log.info("codehub serving on http://%s:%d (%s); data_dir %s; at most %d connections, "
+             "%d per client", cfg.server.host, cfg.server.port, loop_name, cfg.data_path,
+             admission.max_connections, admission.per_client)
+    asyncio.set_event_loop(loop)
+    main_task = loop.create_task(_run(cfg, app, admission))
+    try:
+        loop.run_until_complete(main_task)
+    except (GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main_task.done():
+                main_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main_task)
+        finally:
+            rest = asyncio.all_tasks(loop)
+            for task in rest:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+    log.info("codehub stopped")
+
+
+async def _run(cfg: config_mod.Config, app: web.Application,
+               admission: limits.Admission) -> None:
+    from aiohttp import web
+
+    from .gateway import limits
+
+    runner = web.AppRunner(
+        app, handle_signals=True, shutdown_timeout=cfg.server.shutdown_timeout,
         # a client that goes away cancels its handler: a proxied request waiting on a
         # workspace must not outlive its browser (nor hold up a shutdown)
-        handler_cancellation=True,
+        handler_cancellation=True, keepalive_timeout=cfg.limits.idle_timeout,
         access_log=logging.getLogger("aiohttp.access") if cfg.log_level == "DEBUG" else None,
     )
-    log.info("codehub stopped")
-    return 0
+    await runner.setup()
+    try:
+        await limits.AdmittedSite(runner, admission, cfg.server.host, cfg.server.port).start()
+        await asyncio.Event().wait()  # until SIGTERM/SIGINT (GracefulExit) cancels this
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":  # pragma: no cover

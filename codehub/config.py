@@ -324,6 +324,33 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Connection admission: limits per client address and in total, and how long a
+    connection may stay silent. The client address of a connection is its peer: behind a
+    proxy, the connection limits apply per proxy (WebSocket limits use X-Forwarded-For from
+    gateway.trusted_proxies)."""
+
+    connections_per_client: int = setting(
+        256, "Concurrent connections per peer address; more are closed at once.", lo=1,
+        hi=1_000_000)
+    max_connections: int = setting(
+        0, "Concurrent client connections in total; more are closed at once. 0: half the "
+        "descriptor soft limit (raised to the hard limit at start), the rest left for "
+        "upstream sockets, the database and Docker.", lo=0, hi=10_000_000)
+    websockets_per_workspace: int = setting(
+        200, "WebSockets relayed to one workspace at once; more get 429.", lo=1, hi=1_000_000)
+    websockets_per_client: int = setting(
+        100, "WebSockets relayed for one client address at once; more get 429.", lo=1,
+        hi=1_000_000)
+    header_timeout: float = setting(
+        10.0, "Seconds a new connection gets to send its first complete request head before "
+        "it is closed (0: no limit).", lo=0, hi=3600)
+    idle_timeout: float = setting(
+        60.0, "Seconds a connection may send nothing (before its first request or between "
+        "requests) before it is closed.", lo=1, hi=86400)
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """Credentials. Secrets are best given through the environment."""
 
@@ -354,6 +381,7 @@ class Config:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property

@@ -86,6 +86,17 @@ WEBSOCKETS_OPEN = Gauge(
 WEBSOCKETS_OPENED = Counter(
     "codehub_websocket_connections_opened", "WebSocket connections relayed since start.",
     registry=REGISTRY)
+CONNECTIONS_OPEN = Gauge(
+    "codehub_client_connections", "Client connections admitted and open now.",
+    registry=REGISTRY)
+CONNECTIONS_REFUSED = Counter(
+    "codehub_connections_refused",
+    "Client connections closed or WebSockets refused by a limit, by reason (per_client, "
+    "global, header_timeout, websocket_workspace, websocket_client).", ["reason"],
+    registry=REGISTRY)
+for _reason in ("per_client", "global", "header_timeout", "websocket_workspace",
+                "websocket_client"):
+    CONNECTIONS_REFUSED.labels(_reason)
 
 BYTES_ARCHIVED = Counter(
     "codehub_archived_bytes", "Compressed bytes written to object storage by archives.",

@@ -31,6 +31,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from ..metrics import EVENT_STREAMS, EVENT_STREAMS_REFUSED
+from .limits import Slots
 from .routes import Route, RouteTable
 from .watch import Watchers, read_state
 
@@ -40,35 +41,7 @@ SEND_TIMEOUT = 120.0  # a client that takes no data for this long is cut off
 LIMITED_RETRY_AFTER = 10
 
 
-class StreamSlots:
-    """Counts open streams per workspace and per client address against the limits."""
-
-    def __init__(self, *, per_workspace: int, per_client: int) -> None:
-        self.per_workspace = per_workspace
-        self.per_client = per_client
-        self._workspaces: dict[str, int] = {}
-        self._clients: dict[str, int] = {}
-
-    def take(self, workspace_id: str, client: str) -> str | None:
-        """Reserve a slot; None if taken, else the name of the limit that refused it."""
-        if self._workspaces.get(workspace_id, 0) >= self.per_workspace:
-            return "workspace"
-        if self._clients.get(client, 0) >= self.per_client:
-            return "client"
-        self._workspaces[workspace_id] = self._workspaces.get(workspace_id, 0) + 1
-        self._clients[client] = self._clients.get(client, 0) + 1
-        return None
-
-    def give(self, workspace_id: str, client: str) -> None:
-        for counts, key in ((self._workspaces, workspace_id), (self._clients, client)):
-            n = counts.get(key, 0) - 1
-            if n > 0:
-                counts[key] = n
-            else:
-                counts.pop(key, None)
-
-
-def too_many(limit: str, slots: StreamSlots) -> web.Response:
+def too_many(limit: str, slots: Slots) -> web.Response:
     EVENT_STREAMS_REFUSED.labels(limit).inc()
     most = slots.per_workspace if limit == "workspace" else slots.per_client
     where = "this workspace" if limit == "workspace" else "your address"
@@ -97,7 +70,7 @@ async def status(routes: RouteTable, ready: Callable[[Route], Awaitable[bool]],
 
 
 async def events(request: web.Request, workspace_id: str, watchers: Watchers,
-                 slots: StreamSlots, client: str) -> web.StreamResponse:
+                 slots: Slots, client: str) -> web.StreamResponse:
     refused = slots.take(workspace_id, client)
     if refused is not None:
         return too_many(refused, slots)

@@ -33,6 +33,8 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
 - The database unavailable: a workspace with a known route keeps being proxied (see
   routes); anything that needs a read or write it cannot make (an unknown workspace, a
   wake-up, a link exchange) gets 503 + Retry-After within `database.statement_timeout`.
+- A WebSocket upgrade over limits.websockets_per_workspace or limits.websockets_per_client
+  gets 429 with Retry-After before anything is sent to the workspace (limits.py counts).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from ..config import Config
 from ..interfaces import HintBus, InstanceController
 from ..model import DesiredState, Operation, Status
 from ..store import Store
-from . import auth, events
+from . import auth, events, limits
 from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
 from .origins import Origins
@@ -123,7 +125,7 @@ class Gateway:
         self.routes = RouteTable(store, instances, ttl=g.route_ttl,
                                  stale_max=g.stale_route_max)
         self.watchers = Watchers(self.routes, self.ready, poll_interval=g.events_poll_interval)
-        self.stream_slots = events.StreamSlots(per_workspace=g.events_per_workspace,
+        self.stream_slots = limits.Slots(per_workspace=g.events_per_workspace,
                                                per_client=g.events_per_client)
         self.activity = Activity(store, interval=g.activity_flush_interval,
                                  keep_sockets_active=g.websocket_keeps_active)
@@ -131,6 +133,8 @@ class Gateway:
         # Relayed WebSockets by workspace: the handler task and its cookie's nonce.
         self._sockets: dict[str, dict[asyncio.Task[Any], str]] = {}
         self._rechecks: set[asyncio.Task[None]] = set()
+        self.ws_slots = limits.Slots(per_workspace=cfg.limits.websockets_per_workspace,
+                                     per_client=cfg.limits.websockets_per_client)
 
     async def close(self) -> None:
         for task in list(self._rechecks):
@@ -394,6 +398,17 @@ class Gateway:
     async def websocket(self, request: web.Request, workspace_id: str, route: Route,
                         target: str, fwd: Forwarding, nonce: str) -> web.StreamResponse:
         url = f"ws://{route.host}:{route.port}{target}"
+        client = self.client_address(fwd)
+        refused = self.ws_slots.take(workspace_id, client)
+        if refused is not None:
+            return limits.too_many_websockets(refused, self.ws_slots)
+        try:
+            return await self._relay(request, workspace_id, url, fwd, nonce)
+        finally:
+            self.ws_slots.give(workspace_id, client)
+
+    async def _relay(self, request: web.Request, workspace_id: str, url: str,
+                     fwd: Forwarding, nonce: str) -> web.StreamResponse:
         task = asyncio.current_task()
         sockets = self._sockets.setdefault(workspace_id, {})
         if task is not None:
