@@ -262,7 +262,7 @@ async def codehub(image: str, tmp: Path, tag: str) -> AsyncIterator[tuple[str, s
             "CODEHUB_DATA_DIR", "CODEHUB_LOG_LEVEL") and not k.startswith(
             ("CODEHUB_SERVER__", "CODEHUB_DOCKER__"))]:
         env.pop(key)  # the bench's own choices only (an unset section = embedded default)
-    log = open(tmp / "serve.log", "wb")  # noqa: SIM115
+    log = open(tmp / "serve.log", "wb")  # noqa: SIM115, ASYNC230 (once, at start-up)
     serve = ("import sys; from codehub.cli import main; "
              "sys.argv = ['codehub', 'serve']; sys.exit(main())")
     proc = subprocess.Popen([sys.executable, "-c", serve], env=env,
