@@ -149,3 +149,38 @@ async def test_upgrade_to_a_waking_workspace_is_refused_with_503(stack: Stack) -
             assert exc.status == 503
         else:
             raise AssertionError("the upgrade was accepted")
+
+
+async def test_websockets_over_the_per_workspace_or_per_client_limit_get_429_and_free_slots(
+        stack: Stack) -> None:
+    slots = stack.gw.ws_slots
+    assert (slots.per_workspace, slots.per_client) == (
+        stack.cfg.limits.websockets_per_workspace, stack.cfg.limits.websockets_per_client)
+    slots.per_workspace, slots.per_client = 3, 2
+    await stack.add()
+    async with client() as http:
+        held = [await http.ws_connect(ws_url(stack), headers=stack.headers()) for _ in range(2)]
+        # a third from the same address: over the per-client limit, refused before the relay
+        try:
+            await http.ws_connect(ws_url(stack), headers=stack.headers())
+            raise AssertionError("the upgrade over the per-client limit was accepted")
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 429
+        # the relayed sockets are untouched
+        await held[0].send_str("still here")
+        assert (await held[0].receive(timeout=5)).data == "still here"
+        # per workspace (every test client shares one address: widen the client limit)
+        slots.per_client = 10
+        held.append(await http.ws_connect(ws_url(stack), headers=stack.headers()))
+        try:
+            await http.ws_connect(ws_url(stack), headers=stack.headers())
+            raise AssertionError("the upgrade over the per-workspace limit was accepted")
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 429
+        # closing gives the slot back
+        await held.pop().close()
+        await wait_for(lambda: slots._workspaces.get("echo", 0) < 3, 5)
+        held.append(await http.ws_connect(ws_url(stack), headers=stack.headers()))
+        for ws in held:
+            await ws.close()
+    await wait_for(lambda: not slots._workspaces and not slots._clients, 5)
