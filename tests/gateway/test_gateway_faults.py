@@ -212,10 +212,14 @@ async def test_database_frozen_running_workspace_keeps_serving_and_api_answers_5
     pids: list[int] = []
 
     def freeze() -> None:
-        pids.extend(private_pg.pids())
+        # the postmaster first (it forks no more backends once stopped), then every child,
+        # again until no new one shows up: a backend forked while the first list was taken
+        # would otherwise keep answering
+        while new := [pid for pid in private_pg.pids() if pid not in pids]:
+            for pid in new:
+                os.kill(pid, signal.SIGSTOP)
+                pids.append(pid)
         assert len(pids) > 1  # the postmaster and its backends
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
 
     def thaw() -> None:
         for pid in pids:
