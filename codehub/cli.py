@@ -193,19 +193,25 @@ def serve_app(cfg: config_mod.Config, app: web.Application) -> None:
     log.info("codehub stopped")
 
 
-async def _run(cfg: config_mod.Config, app: web.Application,
-               admission: limits.Admission) -> None:
+def app_runner(cfg: config_mod.Config, app: web.Application) -> web.AppRunner:
+    """The AppRunner `serve` runs `app` with (bench/proxy.py runs the gateway with it too,
+    so that the bench measures what production runs)."""
     from aiohttp import web
 
-    from .gateway import limits
-
-    runner = web.AppRunner(
+    return web.AppRunner(
         app, handle_signals=True, shutdown_timeout=cfg.server.shutdown_timeout,
         # a client that goes away cancels its handler: a proxied request waiting on a
         # workspace must not outlive its browser (nor hold up a shutdown)
         handler_cancellation=True, keepalive_timeout=cfg.limits.idle_timeout,
         access_log=logging.getLogger("aiohttp.access") if cfg.log_level == "DEBUG" else None,
     )
+
+
+async def _run(cfg: config_mod.Config, app: web.Application,
+               admission: limits.Admission) -> None:
+    from .gateway import limits
+
+    runner = app_runner(cfg, app)
     await runner.setup()
     try:
         await limits.AdmittedSite(runner, admission, cfg.server.host, cfg.server.port).start()
