@@ -70,10 +70,11 @@ import orjson
 from aiohttp import typedefs as web_types
 from aiohttp import web
 
-from . import keys
+from . import audit, keys
 from .config import Config, ConfigError
 from .gateway import auth as gateway_auth
 from .gateway.origins import Origins
+from .logs import REQUEST_ID, WORKSPACE_ID_VAR, request_id_of
 from .metrics import API_REQUESTS
 from .model import WORKSPACE_ID, DesiredState, Operation, Status, Workspace
 from .openapi import (
@@ -166,6 +167,23 @@ SCHEMAS: dict[str, Any] = {
                         "description": "Pass as `cursor` for the next page; null: last page."},
     }),
     "AccessLink": _object({"url": {"type": "string"}, "expires_at": _TIME}),
+    "AuditEntry": _object({
+        "id": {"type": "integer", "minimum": 1},
+        "at": _TIME,
+        "actor": {"type": "string", "description": "token:<first 12 hex digits of the "
+                  "admin token's SHA-256>, or loopback (no token configured)."},
+        "action": {"type": "string", "description": "The operation (operationId)."},
+        "workspace_id": {"type": ["string", "null"]},
+        "status": {"type": "integer", "description": "The HTTP status answered."},
+        "request_id": {"type": "string"},
+        "detail": {"type": "object", "description": "The validated request body."},
+    }),
+    "AuditPage": _object({
+        "items": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEntry"}},
+        "next_cursor": {"type": ["string", "null"],
+                        "description": "Pass as `cursor` for the next (older) page; null: "
+                        "last page."},
+    }),
     "Error": _object({"error": _object({"code": {"type": "string"},
                                         "message": {"type": "string"}})}),
 }
@@ -318,7 +336,8 @@ def _guard_tokenless(request: web.Request) -> None:
                        + ("" if ctype is None else f" (got {ctype[:100]!r})"))
 
 
-def _authenticate(request: web.Request, ctx: _Context) -> None:
+def _authenticate(request: web.Request, ctx: _Context) -> str:
+    """The actor of an authenticated request (audit.py names it); ApiError otherwise."""
     if not ctx.token_digests:
         proxied = "Forwarded" in request.headers or "X-Forwarded-For" in request.headers
         if request.remote is None or not is_loopback(request.remote) or proxied:
@@ -326,7 +345,7 @@ def _authenticate(request: web.Request, ctx: _Context) -> None:
                            "no admin token is configured (auth.admin_tokens): the admin "
                            "API only answers direct loopback clients")
         _guard_tokenless(request)
-        return
+        return audit.LOOPBACK_ACTOR
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     presented = presented.strip()
     if scheme.lower() != "bearer" or not presented:
@@ -336,6 +355,7 @@ def _authenticate(request: web.Request, ctx: _Context) -> None:
     if not token_matches(presented, ctx.token_digests):
         raise ApiError(401, "unauthorized", "invalid admin token",
                        {"WWW-Authenticate": 'Bearer realm="codehub", error="invalid_token"'})
+    return audit.token_actor(presented)
 
 
 # --- helpers for handlers ----------------------------------------------------------------
@@ -473,6 +493,8 @@ async def create_workspace(request: web.Request, args: Args) -> web.Response:
                        "it is purged)" if given else "no free generated id; try again")
     log.info("api: created workspace %s (owner %s, desired %s)", ws.id, ws.owner,
              ws.desired_state.value)
+    if _CALL in request:
+        request[_CALL].workspace_id = ws.id
     await _changed(request, ws.id)
     return _json(workspace_json(ws, cfg), 201,
                  {"Location": f"{PREFIX}/workspaces/{ws.id}"})
@@ -574,6 +596,22 @@ async def revoke_access(request: web.Request, args: Args) -> web.Response:
              "refused", ws.id)
     await _changed(request, ws.id)
     return _json(workspace_json(ws, _ctx(request).config))
+
+
+async def list_audit(request: web.Request, args: Args) -> web.Response:
+    q = args.query
+    limit: int = q["limit"]
+    cursor = q.get("cursor")
+    rows = await audit.AuditLog(_store(request)).page(
+        before_id=int(cursor) if cursor else None, limit=limit + 1,
+        workspace_id=q.get("workspace_id"), actor=q.get("actor"))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return _json({"items": [{"id": e.id, "at": _iso(e.at), "actor": e.actor,
+                             "action": e.action, "workspace_id": e.workspace_id,
+                             "status": e.status, "request_id": e.request_id,
+                             "detail": e.detail} for e in rows],
+                  "next_cursor": str(rows[-1].id) if more else None})
 
 
 async def openapi_json(request: web.Request, args: Args) -> web.Response:
@@ -698,6 +736,17 @@ ROUTES: tuple[Route, ...] = (
            [Reply(200, "Revoked: every gateway refuses the earlier links and cookies once "
                   "it has the hint (or at the latest after gateway.route_ttl).",
                   "Workspace")], path_params=(_ID_PARAM,)),
+    _route("GET", "/audit", "listAudit", "The audit log, newest first (paged)", list_audit,
+           [Reply(200, "A page of audit entries, newest first.", "AuditPage")],
+           query=(
+               Field("workspace_id", _ID, "Only entries about this workspace."),
+               Field("actor", {"type": "string", "minLength": 1, "maxLength": 64,
+                               "pattern": r"^[A-Za-z0-9:._@+-]+$"}, "Only entries of this actor."),
+               Field("limit", {"type": "integer", "minimum": 1, "maximum": PAGE_MAX,
+                               "default": PAGE_DEFAULT}, "Page size."),
+               Field("cursor", {"type": "string", "minLength": 1, "maxLength": 19,
+                                "pattern": r"^[1-9][0-9]*$"},
+                     "next_cursor of the previous page."))),
     _route("GET", "/openapi.json", "getOpenApi", "This document (no token needed)",
            openapi_json, [Reply(200, "The OpenAPI 3.1 document.")], auth=False),
 )
@@ -722,13 +771,33 @@ _METHODS = frozenset({"GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS"
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
+@dataclass(slots=True)
+class _Call:
+    """An authenticated call, for the audit log (recorded by `_errors` once answered)."""
+
+    actor: str
+    action: str
+    workspace_id: str | None
+    detail: dict[str, Any]
+
+
+_CALL = web.RequestKey("api_call", _Call)
+
+
 def _bind(route: Route) -> Any:
     async def handle(request: web.Request) -> web.StreamResponse:
-        if route.auth:
+        if route.auth and route.name != "listAudit":  # reading the log is not recorded
+            actor = _authenticate(request, request.app[_CTX])
+            wid = request.match_info.get("id")
+            request[_CALL] = _Call(actor, route.name, wid if wid and WORKSPACE_ID.fullmatch(
+                wid) else None, {})
+        elif route.auth:
             _authenticate(request, request.app[_CTX])
         path = validate_path(route, request.match_info)
         query = validate_query(route, request.query)
         body = validate_body(route, await read_body(request)) if route.body else {}
+        if _CALL in request:
+            request[_CALL].detail = body
         return await route.handler(request, Args(path, query, body))
     handle.__name__ = route.name
     return handle
@@ -757,8 +826,13 @@ _outage = _Outage()
 
 @web.middleware
 async def _errors(request: web.Request, handler: web_types.Handler) -> web.StreamResponse:
-    """JSON errors for everything under the prefix, and the request counter."""
+    """JSON errors for everything under the prefix, the request counter, the request id
+    (X-Request-Id: the client's when well-formed, else a new one; answered back), and the
+    audit record of every authenticated call."""
     resource = request.match_info.route.resource
+    rid = request_id_of(request.headers.get("X-Request-Id"))
+    REQUEST_ID.set(rid)
+    WORKSPACE_ID_VAR.set(request.match_info.get("id"))
     try:
         resp = await handler(request)
     except ApiError as exc:
@@ -782,6 +856,11 @@ async def _errors(request: web.Request, handler: web_types.Handler) -> web.Strea
     API_REQUESTS.labels(resource.canonical if resource is not None else "unmatched",
                         request.method if request.method in _METHODS else "OTHER",
                         str(resp.status)).inc()
+    resp.headers["X-Request-Id"] = rid
+    call = request.get(_CALL)
+    if call is not None:
+        await audit.AuditLog(_store(request)).record(audit.Entry(
+            call.actor, call.action, call.workspace_id, resp.status, rid, call.detail))
     return resp
 
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from . import client, postgres, store
+from . import client, logs, postgres, store
 from . import config as config_mod
 
 if TYPE_CHECKING:
@@ -91,11 +91,6 @@ def _workspace_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lnk.add_argument("--ttl", type=client.duration, help="validity (default: auth.link_ttl)")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config" and args.action == "example":
@@ -106,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"codehub: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    _setup_logging(cfg.log_level)
+    logs.setup(cfg.log_level, cfg.log_format)
     if args.command == "config":
         if args.action == "show":
             import orjson
@@ -204,6 +199,7 @@ def app_runner(cfg: config_mod.Config, app: web.Application) -> web.AppRunner:
         # workspace must not outlive its browser (nor hold up a shutdown)
         handler_cancellation=True, keepalive_timeout=cfg.limits.idle_timeout,
         access_log=logging.getLogger("aiohttp.access") if cfg.log_level == "DEBUG" else None,
+        access_log_class=logs.AccessLog,
     )
 
 

@@ -373,6 +373,9 @@ class Config:
     data_dir: str = setting("./data", "Where embedded PostgreSQL, local archives and keys live.")
     log_level: str = setting("INFO", "Logging level.",
                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = setting("text", "Log lines as text, or as one JSON object per line "
+                              "(time, level, logger, message, request_id, workspace_id, "
+                              "person).", choices=("text", "json"))
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)

@@ -1,0 +1,98 @@
+"""`log_format = "json"` on a real `codehub serve`: every line it writes is one JSON object,
+and none carries a secret (the admin token, an access link's token, a workspace cookie)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+from test_serve import base_env, codehub, data_dir, free_port, wait_ready  # noqa: F401
+
+TOKEN = "json-logs-admin-" + secrets.token_hex(12)
+
+
+def api(port: int, method: str, path: str, body: Any = None,
+        token: str = TOKEN) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kw: Any) -> None:
+        return None
+
+
+def redeem(url: str) -> str:
+    """Follow an access link once, without the redirect: the Set-Cookie it answers."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        opener.open(url, timeout=10)
+    except urllib.error.HTTPError as err:
+        assert err.code == 303, err.code
+        return str(err.headers["Set-Cookie"])
+    raise AssertionError("the access link was not answered with 303")
+
+
+def test_every_line_of_a_json_serve_parses_and_none_holds_a_token_link_or_cookie(
+        data_dir: Path) -> None:  # noqa: F811
+    port, tag = free_port(), "jl" + secrets.token_hex(3)
+    env = base_env(CODEHUB_DATA_DIR=str(data_dir), CODEHUB_SERVER__PORT=str(port),
+                   CODEHUB_LOG_FORMAT="json", CODEHUB_LOG_LEVEL="DEBUG",
+                   CODEHUB_AUTH__ADMIN_TOKENS=TOKEN,
+                   CODEHUB_DOCKER__CONTAINER_PREFIX=f"{tag}-ws-",
+                   CODEHUB_DOCKER__VOLUME_PREFIX=f"{tag}-home-",
+                   CODEHUB_DOCKER__NETWORK=f"{tag}-net")
+    proc = codehub("serve", env=env)
+    secrets_seen: list[str] = [TOKEN]
+    try:
+        wait_ready(port, proc)
+        status, ws = api(port, "POST", "/workspaces",
+                         {"id": "jl-1", "owner": "ann", "desired_state": "WARM"})
+        assert status == 201, ws
+        status, link = api(port, "POST", "/workspaces/jl-1/access-links")
+        assert status == 201, link
+        secrets_seen.append(link["url"].split("access=", 1)[1])
+        cookie = redeem(link["url"].replace("localhost", "127.0.0.1"))
+        secrets_seen.append(cookie.split(";", 1)[0].split("=", 1)[1])
+        assert api(port, "GET", "/workspaces/jl-1", token="wrong-token")[0] == 401
+        assert api(port, "GET", "/workspaces/nope-1")[0] == 404
+        assert api(port, "DELETE", "/workspaces/jl-1")[0] == 202
+        deadline = time.monotonic() + 60
+        while api(port, "GET", "/workspaces/jl-1")[0] != 404:  # purged: nothing left behind
+            assert time.monotonic() < deadline, "the workspace was not purged"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = proc.stdout.read()  # type: ignore[union-attr]
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) > 10, output
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+        for secret in secrets_seen:
+            assert secret not in line, f"a secret in the log: {line!r}"
+    assert all({"time", "level", "logger", "message"} <= set(p) for p in parsed)
+    assert any(p.get("request_id") and p.get("workspace_id") == "jl-1" for p in parsed)
+    assert any(p["logger"] == "aiohttp.access" for p in parsed)  # DEBUG: the access log too
+    assert proc.returncode == 0
