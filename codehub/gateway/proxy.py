@@ -8,8 +8,9 @@ Guarantees:
   several). `Host` is kept as the client sent it, and `X-Forwarded-For`, `-Host`,
   `-Proto` and `-Prefix` are set (see `Forwarding`: a client's own values are replaced
   unless it is a trusted proxy), so code-server sees the public origin and accepts its
-  WebSockets. The gateway's own cookie never reaches the workspace: it is removed from
-  `Cookie`, the other cookies stay. On the way back, `Service-Worker-Allowed` and a
+  WebSockets. `X-Request-Id` is the client's when well-formed, else a new one (exactly
+  one reaches the workspace). The gateway's own cookie never reaches the workspace: it is
+  removed from `Cookie`, the other cookies stay. On the way back, `Service-Worker-Allowed` and a
   `Set-Cookie` naming CodeHub's cookie never reach the browser.
 - Bodies stream both ways with backpressure, whatever their size: no `client_max_size`,
   no buffering beyond a few hundred KiB, no decompression and no recompression
@@ -36,6 +37,7 @@ import contextlib
 
 from aiohttp import web
 
+from ..logs import request_id_of
 from ..metrics import PROXY_ERRORS, PROXY_REQUESTS
 from .auth import names_our_cookie
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
@@ -48,7 +50,7 @@ HOP_BY_HOP = frozenset({
 # Replaced by the gateway on the way in.
 _REPLACED = frozenset({
     b"cookie", b"expect", b"content-length", b"x-forwarded-for", b"x-forwarded-host",
-    b"x-forwarded-proto", b"x-forwarded-prefix",
+    b"x-forwarded-proto", b"x-forwarded-prefix", b"x-request-id",
 })
 # What a client says about where it came from: passed on only from a trusted proxy.
 _CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
@@ -88,9 +90,12 @@ class Forwarding:
     gateway saw, whatever the client sent, and `drop` removes Forwarded and X-Real-IP.
     From a trusted proxy (gateway.trusted_proxies) its X-Forwarded-For is extended with
     the peer, its -Host, -Proto and -Prefix are kept, and so are Forwarded and X-Real-IP.
+    Every forwarded request carries exactly one X-Request-Id: the client's when it is
+    well-formed (logs.request_id_of), else a new one.
     """
 
-    __slots__ = ("cookie", "drop", "forwarded_for", "host", "prefix", "proto", "trusted")
+    __slots__ = ("cookie", "drop", "forwarded_for", "host", "prefix", "proto", "request_id",
+                 "trusted")
 
     def __init__(self, request: web.BaseRequest, prefix: str, *, trusted: bool,
                  remote: str | None = None) -> None:
@@ -99,6 +104,8 @@ class Forwarding:
         if remote is None:
             remote = request.remote or ""
         headers = request.headers
+        # the client's own when well-formed, else a new one (logs.py)
+        self.request_id = request_id_of(headers.get("X-Request-Id"))
         if trusted:
             prior = headers.getall("X-Forwarded-For", ())
             self.forwarded_for = ", ".join([*prior, remote]) if prior else remote
@@ -117,7 +124,7 @@ class Forwarding:
         """The same headers as `pairs`, as request-head bytes (built without the pairs:
         this runs on every proxied request)."""
         text = (f"X-Forwarded-For: {self.forwarded_for}\r\nX-Forwarded-Host: {self.host}\r\n"
-                f"X-Forwarded-Proto: {self.proto}\r\n")
+                f"X-Forwarded-Proto: {self.proto}\r\nX-Request-Id: {self.request_id}\r\n")
         if self.prefix:
             text += f"X-Forwarded-Prefix: {self.prefix}\r\n"
         if self.cookie:
@@ -126,7 +133,7 @@ class Forwarding:
 
     def pairs(self) -> list[tuple[str, str]]:
         out = [("X-Forwarded-For", self.forwarded_for), ("X-Forwarded-Host", self.host),
-               ("X-Forwarded-Proto", self.proto)]
+               ("X-Forwarded-Proto", self.proto), ("X-Request-Id", self.request_id)]
         if self.prefix:
             out.append(("X-Forwarded-Prefix", self.prefix))
         if self.cookie:

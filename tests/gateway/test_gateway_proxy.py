@@ -165,6 +165,23 @@ async def test_host_is_kept_and_forwarded_headers_are_set(stack: Stack) -> None:
     assert header_values(echo, "X-Forwarded-For") == ["127.0.0.1"]
 
 
+async def test_exactly_one_request_id_reaches_the_workspace_the_clients_when_well_formed(
+        stack: Stack) -> None:
+    await stack.add()
+    seen = []
+    async with client() as http:
+        for given in (None, "trace-42.a:b", "bad id;x", "x" * 129):
+            extra = {} if given is None else {"X-Request-Id": given}
+            async with http.get(stack.url("/w/echo/"), headers=stack.headers(**extra)) as r:
+                values = header_values(await r.json(), "X-Request-Id")
+            assert len(values) == 1, values
+            seen.append(values[0])
+    made, kept, *replaced = seen
+    assert kept == "trace-42.a:b"
+    assert all(len(v) == 16 and int(v, 16) >= 0 for v in (made, *replaced))
+    assert len({made, *replaced}) == 3
+
+
 async def test_request_headers_are_not_added_to_by_the_proxy(stack: Stack) -> None:
     await stack.add()
     request = (f"GET /w/echo/ HTTP/1.1\r\nHost: h\r\nCookie: {stack.cookie()}\r\n"
