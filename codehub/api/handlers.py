@@ -1,0 +1,291 @@
+"""The admin API's handlers: validate, write desired state or TTLs, hint, answer at once.
+
+Guarantees:
+- No handler calls Docker or object storage; each state change is a compare-and-set
+  against the exact row its checks were made on, re-read and re-checked (up to
+  `_CAS_TRIES`) when the row moved in between.
+- Listing pages by an opaque keyset cursor (base64url of the last id): rows created or
+  deleted while a client pages never make it see one twice or miss one that existed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from .. import audit, keys
+from ..gateway import auth as gateway_auth
+from ..model import DesiredState, Operation, Status, Workspace
+from ..openapi import (
+    ApiError,
+    Args,
+    Field,
+    invalid,
+)
+from ..store import SETTINGS, AlreadyExists
+from .replies import CALL, context_of, iso, json_reply, store_of, workspace_json
+from .schemas import _CAS_TRIES, ID_SCHEMA, PREFIX
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
+
+# --- helpers for handlers ----------------------------------------------------------------
+
+
+async def _changed(request: web.Request, workspace_id: str) -> None:
+    await request.config_dict[keys.HINTS].publish(workspace_id)
+
+
+async def _load(request: web.Request, workspace_id: str) -> Workspace:
+    ws = await store_of(request).get(workspace_id)
+    if ws is None:
+        raise ApiError(404, "not_found", f"no workspace {workspace_id}")
+    return ws
+
+
+def _refuse_if_deleting(ws: Workspace) -> None:
+    if ws.desired_state is DesiredState.DELETED or ws.status is Status.DELETED:
+        raise ApiError(409, "deleting", f"workspace {ws.id} is being deleted")
+
+
+_UP = (DesiredState.RUNNING, DesiredState.WARM)
+_TIER = {DesiredState.DELETED: 0, DesiredState.COLD: 1, DesiredState.WARM: 2,
+         DesiredState.RUNNING: 3}
+
+
+def _restore_needed(ws: Workspace) -> bool:
+    """COLD, or on its way there, and nobody asked for a restore yet."""
+    settled = ws.error_from_status if ws.status is Status.ERROR else ws.status
+    return ws.desired_state is DesiredState.COLD and (
+        settled is Status.COLD or ws.operation is Operation.ARCHIVING)
+
+
+def check_patch(ws: Workspace, desired: DesiredState | None) -> None:
+    """Refuse a PATCH the state machine does not allow (pure; raises ApiError 409)."""
+    _refuse_if_deleting(ws)
+    if desired in _UP and _restore_needed(ws):
+        how = f"POST {PREFIX}/workspaces/{ws.id}/restore"
+        if ws.operation is Operation.ARCHIVING:
+            raise ApiError(409, "restore_required",
+                           f"workspace {ws.id} is being archived; once it is COLD it comes "
+                           f"back only through a restore: {how}")
+        raise ApiError(409, "restore_required",
+                       f"workspace {ws.id} is archived (COLD); it comes back only through a "
+                       f"restore: {how}")
+
+
+def check_restore(ws: Workspace) -> None:
+    _refuse_if_deleting(ws)
+    if ws.status is Status.ERROR:
+        raise ApiError(409, "in_error",
+                       f"workspace {ws.id} is in ERROR ({ws.error_message}); retry it first: "
+                       f"POST {PREFIX}/workspaces/{ws.id}/retry")
+    if ws.status is not Status.COLD:
+        raise ApiError(409, "not_cold",
+                       f"workspace {ws.id} is {ws.status.value}; only a COLD workspace can be "
+                       "restored")
+
+
+async def _update(request: web.Request, workspace_id: str,
+                  check: Callable[[Workspace], None],
+                  desired: DesiredState | None, ttls: dict[str, int | None]
+                  ) -> tuple[Workspace, Workspace]:
+    """Check the row and write the change as a compare-and-set against what was checked;
+    (before, after). A row that moved in between is re-read and re-checked."""
+    store = store_of(request)
+    for _ in range(_CAS_TRIES):
+        ws = await _load(request, workspace_id)
+        check(ws)
+        same_ttls = all(getattr(ws, k) == v for k, v in ttls.items())
+        if (desired is None or desired is ws.desired_state) and same_ttls:
+            return ws, ws  # nothing to change: no write, no generation bump
+        # Asking for a higher tier restarts the idle time: without this a restore of a
+        # long-idle workspace would be swept straight back to COLD.
+        wake = desired is not None and _TIER[desired] > _TIER[ws.desired_state]
+        new = await store.update_spec(
+            workspace_id, expect_desired=ws.desired_state, expect_status=ws.status,
+            expect_operation=ws.operation, desired_state=desired, ttls=ttls, touch=wake)
+        if new is not None:
+            await _changed(request, workspace_id)
+            return ws, new
+    raise ApiError(409, "conflict", f"workspace {workspace_id} kept changing; try again")
+
+
+def _encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).rstrip(b"=").decode()
+
+
+_CURSOR_ID = Field("cursor", ID_SCHEMA, "")
+
+
+def _decode_cursor(cursor: str | None) -> str | None:
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        return str(_CURSOR_ID.check(raw))
+    except (binascii.Error, UnicodeDecodeError, ValueError, ApiError):
+        raise invalid("cursor: not a cursor returned by this API", "invalid_cursor") from None
+
+
+def _new_id() -> str:
+    return "ws-" + secrets.token_hex(5)
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+async def create_workspace(request: web.Request, args: Args) -> web.Response:
+    body, cfg = args.body, context_of(request).config
+    given = body.get("id")
+    for _ in range(1 if given else 3):
+        try:
+            ws = await store_of(request).create(
+                id=given or _new_id(), owner=body["owner"],
+                image_ref=body.get("image") or cfg.docker.workspace_image,
+                desired_state=DesiredState(body.get("desired_state", "RUNNING")),
+                warm_ttl_seconds=body.get("warm_ttl_seconds"),
+                cold_ttl_seconds=body.get("cold_ttl_seconds"),
+                home_size_limit_mib=body.get("home_size_limit_mib"))
+            break
+        except AlreadyExists:
+            continue
+    else:
+        raise ApiError(409, "already_exists",
+                       f"workspace {given} already exists (a deleted one keeps its id until "
+                       "it is purged)" if given else "no free generated id; try again")
+    log.info("api: created workspace %s (owner %s, desired %s)", ws.id, ws.owner,
+             ws.desired_state.value)
+    if CALL in request:
+        request[CALL].workspace_id = ws.id
+    await _changed(request, ws.id)
+    return json_reply(workspace_json(ws, cfg), 201,
+                 {"Location": f"{PREFIX}/workspaces/{ws.id}"})
+
+
+async def list_workspaces(request: web.Request, args: Args) -> web.Response:
+    q = args.query
+    limit: int = q["limit"]
+    rows = await store_of(request).list_page(
+        status=Status(q["status"]) if "status" in q else None, owner=q.get("owner"),
+        after_id=_decode_cursor(q.get("cursor")), limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cfg = context_of(request).config
+    return json_reply({"items": [workspace_json(ws, cfg) for ws in rows],
+                  "next_cursor": _encode_cursor(rows[-1].id) if more else None})
+
+
+async def get_workspace(request: web.Request, args: Args) -> web.Response:
+    ws = await _load(request, args.path["id"])
+    return json_reply(workspace_json(ws, context_of(request).config))
+
+
+async def patch_workspace(request: web.Request, args: Args) -> web.Response:
+    body = args.body
+    desired = DesiredState(body["desired_state"]) if "desired_state" in body else None
+    ttls: dict[str, int | None] = {
+        k: body[k] for k in SETTINGS if k in body}
+    before, after = await _update(request, args.path["id"],
+                                  lambda ws: check_patch(ws, desired), desired, ttls)
+    moved = after.desired_state is not before.desired_state
+    if after is not before:
+        log.info("api: workspace %s updated: %s", after.id, body)
+    return json_reply(workspace_json(after, context_of(request).config), 202 if moved else 200)
+
+
+async def delete_workspace(request: web.Request, args: Args) -> web.Response:
+    ws = await _load(request, args.path["id"])
+    if ws.desired_state is not DesiredState.DELETED:
+        new = await store_of(request).set_desired(ws.id, DesiredState.DELETED)
+        if new is None:
+            raise ApiError(404, "not_found", f"no workspace {ws.id}")
+        ws = new
+        log.info("api: workspace %s asked to be deleted", ws.id)
+        await _changed(request, ws.id)
+    return json_reply(workspace_json(ws, context_of(request).config), 202)
+
+
+async def restore_workspace(request: web.Request, args: Args) -> web.Response:
+    target = DesiredState.RUNNING if args.body.get("start") else DesiredState.WARM
+    _, after = await _update(request, args.path["id"], check_restore, target, {})
+    log.info("api: workspace %s asked to restore to %s", after.id, target.value)
+    return json_reply(workspace_json(after, context_of(request).config), 202)
+
+
+async def retry_workspace(request: web.Request, args: Args) -> web.Response:
+    store = store_of(request)
+    for _ in range(_CAS_TRIES):
+        ws = await _load(request, args.path["id"])
+        _refuse_if_deleting(ws)
+        if ws.status is not Status.ERROR:
+            raise ApiError(409, "not_in_error",
+                           f"workspace {ws.id} is {ws.status.value}, not ERROR: nothing to retry")
+        if ws.error_from_status is None:
+            raise ApiError(409, "cannot_retry",
+                           f"workspace {ws.id} does not record the status it failed from")
+        new = await store.compare_and_set(
+            ws.id, expect_status=Status.ERROR, expect_operation=ws.operation,
+            status=ws.error_from_status, error_from_status=None, error_count=0,
+            error_message=None, error_at=None, next_retry_at=None)
+        if new is not None:
+            log.info("api: workspace %s retried: back to %s (last error: %s)", ws.id,
+                     new.status.value, ws.error_message)
+            await _changed(request, ws.id)
+            return json_reply(workspace_json(new, context_of(request).config), 202)
+    raise ApiError(409, "conflict", f"workspace {args.path['id']} kept changing; try again")
+
+
+async def create_access_link(request: web.Request, args: Args) -> web.Response:
+    ctx = context_of(request)
+    ws = await _load(request, args.path["id"])
+    _refuse_if_deleting(ws)
+    if ctx.signing_keys is None:
+        ctx.signing_keys = gateway_auth.load_keys(ctx.config)
+    ttl = args.body.get("ttl_seconds") or ctx.config.auth.link_ttl
+    token = gateway_auth.mint_access_link(ctx.signing_keys, ws.id, ws.access_nonce, ttl,
+                                          time.time())
+    expires = datetime.fromtimestamp(gateway_auth.link_expiry(token), UTC)
+    log.info("api: access link minted for workspace %s (valid %ds, once)", ws.id, ttl)
+    return json_reply({"url": ctx.origins.access_url(ws.id, token, str(request.url.origin())),
+                  "expires_at": iso(expires)}, 201)
+
+
+async def revoke_access(request: web.Request, args: Args) -> web.Response:
+    ws = await store_of(request).revoke_access(args.path["id"])
+    if ws is None:
+        raise ApiError(404, "not_found", f"no workspace {args.path['id']}")
+    log.info("api: access to workspace %s revoked: every link and cookie made before is "
+             "refused", ws.id)
+    await _changed(request, ws.id)
+    return json_reply(workspace_json(ws, context_of(request).config))
+
+
+async def list_audit(request: web.Request, args: Args) -> web.Response:
+    q = args.query
+    limit: int = q["limit"]
+    cursor = q.get("cursor")
+    rows = await audit.AuditLog(store_of(request)).page(
+        before_id=int(cursor) if cursor else None, limit=limit + 1,
+        workspace_id=q.get("workspace_id"), actor=q.get("actor"))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return json_reply({"items": [{"id": e.id, "at": iso(e.at), "actor": e.actor,
+                             "action": e.action, "workspace_id": e.workspace_id,
+                             "status": e.status, "request_id": e.request_id,
+                             "detail": e.detail} for e in rows],
+                  "next_cursor": str(rows[-1].id) if more else None})
+
+
+async def openapi_json(request: web.Request, args: Args) -> web.Response:
+    return web.Response(body=context_of(request).doc, content_type="application/json")
+
+
