@@ -54,7 +54,7 @@ from ..config import Config
 from ..interfaces import HintBus, InstanceController
 from ..model import DesiredState, Operation, Status
 from ..store import Store
-from . import auth, events, limits
+from . import auth, events, limits, signin
 from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
 from .origins import Origins
@@ -101,6 +101,7 @@ class Gateway:
         self.hints = hints
         self.keys = keys
         self.pages = pages
+        self.signin: signin.SignIn | None = None  # set by gateway_ctx with [auth.oidc]
         self.cookie_ttl = cfg.auth.cookie_ttl
         # Behind a TLS-terminating proxy the request itself is plain HTTP; the configured
         # public URL says what the browser sees (no forwarded header is trusted for this).
@@ -373,7 +374,9 @@ class Gateway:
                 return answer
         cred = self.check_cookie(workspace_id, values, now)
         if cred.verdict is not Verdict.OK:
-            return self.denied(request, workspace_id, cred.verdict)
+            return (self.signin is not None and signin.redirect(
+                request, workspace_id, target, f"{fwd.proto}://{fwd.host}", cred.verdict,
+                self.origins.public_base)) or self.denied(request, workspace_id, cred.verdict)
         route = self.routes.cached(workspace_id)
         if route is None:
             try:
