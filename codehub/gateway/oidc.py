@@ -6,8 +6,9 @@ Guarantees:
   exactly (OpenID Connect Discovery 4.3), else nothing from it is used.
 - The key set (`jwks_uri`) is cached the same way. An ID token whose `kid` is not in it
   makes one fresh fetch (the provider rotated its keys), at most one per
-  `auth.oidc.jwks_refetch_interval`: a flood of tokens with made-up key ids costs the
-  provider nothing more. A kid still unknown after that fetch is refused.
+  `auth.oidc.jwks_refetch_interval`, and concurrent sign-ins share one fetch: a flood of
+  tokens with made-up key ids costs the provider nothing more. A kid still unknown after
+  that fetch is refused.
 - `authorization_url` asks for the code flow with PKCE (S256), `state` and `nonce`;
   `exchange` redeems the code at the token endpoint with client_secret_basic and the PKCE
   verifier, over the gateway's HTTP session, each request bounded by `http_timeout`.
@@ -26,6 +27,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import secrets
@@ -120,6 +122,7 @@ class OidcClient:
         self._metadata_at = 0.0
         self._keys: KeySet | None = None
         self._keys_at = 0.0
+        self._fetching = asyncio.Lock()  # concurrent sign-ins share one fetch
         self.key_fetches = 0  # for tests and metrics: how often the key set was fetched
 
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
@@ -171,17 +174,22 @@ class OidcClient:
         self.key_fetches += 1
         return keys
 
+    def _wants_fetch(self, kid: str | None) -> bool:
+        keys, age = self._keys, self.now() - self._keys_at
+        if keys is None or age >= self.cfg.metadata_ttl:
+            return True
+        return kid is not None and age >= self.cfg.jwks_refetch_interval and not any(
+            k.kid == kid for k in keys.keys)
+
     async def _key_set(self, meta: Metadata, kid: str | None) -> KeySet:
         """The cached key set; fetched again when stale, or (rate limited) when it lacks
-        `kid`."""
-        now = self.now()
-        keys = self._keys
-        if keys is None or now - self._keys_at >= self.cfg.metadata_ttl:
-            return await self._fetch_keys(meta)
-        if kid is not None and not any(k.kid == kid for k in keys.keys) and (
-                now - self._keys_at >= self.cfg.jwks_refetch_interval):
-            return await self._fetch_keys(meta)
-        return keys
+        `kid`. Callers that wait for a fetch under way use its result."""
+        if self._wants_fetch(kid):
+            async with self._fetching:
+                if self._wants_fetch(kid):
+                    return await self._fetch_keys(meta)
+        assert self._keys is not None
+        return self._keys
 
     def authorization_url(self, meta: Metadata, redirect_uri: str, flow: Flow) -> str:
         query = urlencode({

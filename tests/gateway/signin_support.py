@@ -35,12 +35,15 @@ def oidc_config(issuer: str, **changes: Any) -> OidcConfig:
 
 
 async def signin_stack(database_url: str, up: Upstream, tmp_path: Path, *,
-                       host_mode: bool = False, provider: oidc.OidcProvider | None = None,
-                       issuer: str = "", **oidc_changes: Any,
+                       host_mode: bool = False, https: bool = False,
+                       provider: oidc.OidcProvider | None = None, issuer: str = "",
+                       **oidc_changes: Any,
                        ) -> AsyncIterator[tuple[Stack, oidc.OidcProvider | None]]:
-    """`issuer`: another provider's (a test's own); else a new oidc-provider is started."""
+    """`issuer`: another provider's (a test's own); else a new oidc-provider is started.
+    `https`: the public URL says https (TLS ends at a proxy in front; requests are plain)."""
     port = services.free_port()
-    main = f"http://localhost:{port}" if host_mode else f"http://127.0.0.1:{port}"
+    scheme = "https" if https else "http"
+    main = f"{scheme}://localhost:{port}" if host_mode else f"{scheme}://127.0.0.1:{port}"
     if provider is None and not issuer:
         provider = oidc.start_oidc_provider([main + CALLBACK],
                                             post_logout_redirect_uris=[main + SIGNED_OUT])
@@ -48,9 +51,10 @@ async def signin_stack(database_url: str, up: Upstream, tmp_path: Path, *,
         auth = AuthConfig(signing_keys=[SIGNING_KEY], oidc=oidc_config(
             issuer or (provider.issuer if provider else ""), **oidc_changes))
         extra: dict[str, Any] = {}
+        if host_mode or https:
+            extra = {"server": ServerConfig(public_url=main)}
         if host_mode:
-            extra = {"server": ServerConfig(public_url=main),
-                     "workspace_host": f"{{id}}.ws.localhost:{port}"}
+            extra["workspace_host"] = f"{{id}}.ws.localhost:{port}"
         async for s in open_stack(database_url, up, tmp_path, port=port, auth_config=auth,
                                   **extra):
             yield s, provider

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -191,3 +192,39 @@ async def test_sign_in_works_in_host_mode(database_url: str, echo_upstream: Upst
         assert cookie_named(callback.set_cookie, SESSION)
         assert hops[-1].status == 200 and hops[-1].url == origin + "/deep/path"
         assert json.loads(hops[-1].text)["raw_path"] == "/deep/path"
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"allowed_domains": ["example.test"]}, "email domain is not allowed"),
+    ({"allowed_groups": ["codehub-admins"]}, "not in a group allowed"),
+])
+async def test_people_outside_the_allowed_groups_or_domains_are_refused(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path, changes: dict[str, Any],
+        words: str) -> None:
+    async for stack, _ in signin_stack(database_url, echo_upstream, tmp_path, **changes):
+        await stack.add(ECHO_ID, owner=BOB)
+        async with browser() as http:
+            hops = await oidc.walk(http, stack.url("/w/echo/"), user="bob",
+                                   password=oidc.USERS["bob"])
+        assert hops[-1].status == 403 and words in hops[-1].text
+        assert "not_allowed" in hops[-1].text
+        assert not any(cookie_named(h.set_cookie, SESSION) for h in hops)
+        async with browser() as http:  # alice is in both
+            hops = await oidc.walk(http, stack.url("/w/echo/"), user="alice",
+                                   password=oidc.USERS["alice"])
+        assert hops[-1].status == 200
+
+
+async def test_admins_may_be_named_one_by_one(database_url: str, echo_upstream: Upstream,
+                                              tmp_path: Path) -> None:
+    async for stack, _ in signin_stack(database_url, echo_upstream, tmp_path,
+                                       admin_groups=[], admins=[BOB]):
+        await stack.add(ECHO_ID, owner=ALICE)
+        async with browser() as http:
+            hops = await oidc.walk(http, stack.url("/w/echo/"), user="bob",
+                                   password=oidc.USERS["bob"])
+        assert hops[-1].status == 200
+        async with browser() as http:  # alice is no admin now, but owns it
+            hops = await oidc.walk(http, stack.url("/w/echo/"), user="alice",
+                                   password=oidc.USERS["alice"])
+        assert hops[-1].status == 200

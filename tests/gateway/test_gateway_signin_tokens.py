@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from aiohttp import web
@@ -37,6 +37,7 @@ class Issuer:
         self.key = oidc.new_signing_key()  # published in the key set
         self.other = oidc.new_signing_key()  # never published
         self.url = ""
+        self.says_issuer = ""  # what the discovery document claims; "" for its own URL
         self.jwks_hits = 0
         self.nonce = ""
         self.change: Callable[[dict[str, Any], dict[str, Any]], Any] = (
@@ -61,7 +62,8 @@ class Issuer:
 
     async def discovery(self, request: web.Request) -> web.Response:
         return web.json_response({
-            "issuer": self.url, "authorization_endpoint": self.url + "/authorize",
+            "issuer": self.says_issuer or self.url,
+            "authorization_endpoint": self.url + "/authorize",
             "token_endpoint": self.url + "/token", "jwks_uri": self.url + "/jwks",
             "id_token_signing_alg_values_supported": ["RS256"]})
 
@@ -229,7 +231,6 @@ async def test_a_callback_that_is_not_this_browsers_sign_in_is_refused(
         if case == "no flow cookie":
             http.cookie_jar.clear()
         elif case == "provider error":
-            from urllib.parse import parse_qs, urlsplit
             state = parse_qs(urlsplit(hops[-1].location).query)["state"][0]
             query = {"error": "access_denied", "state": state}
         done = await oidc.walk(http, stack.url(CALLBACK + "?" + urlencode(query)))
@@ -259,3 +260,40 @@ async def test_a_key_rotation_at_the_provider_is_followed(
                                    password=oidc.USERS["alice"])
         assert hops[-1].status == 200, hops[-1].text
         assert rp.key_fetches == 2
+
+
+async def test_a_discovery_document_of_another_issuer_is_not_used(
+        rogue: tuple[Stack, Issuer]) -> None:
+    stack, it = rogue
+    it.says_issuer = "https://evil.example"
+    async with browser() as http:
+        hops = await oidc.walk(http, stack.url("/w/echo/"))
+    assert hops[-1].status == 502 and "Sign-in is unavailable." in hops[-1].text
+    assert "another issuer" in hops[-1].text
+    assert not any(h.location.startswith(it.url) for h in hops)
+
+
+async def test_on_https_host_mode_the_cookies_are_secure_and_host_prefixed(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path, issuer: Issuer) -> None:
+    """TLS ends at a proxy in front (the public URL is https); requests arrive plain."""
+    async for stack, _ in signin_stack(database_url, echo_upstream, tmp_path, host_mode=True,
+                                       https=True, issuer=issuer.url):
+        await stack.add(ECHO_ID, owner=ALICE)
+        async with client() as http:
+            async with http.get(stack.url("/_codehub/auth/open/echo?path=/"),
+                                allow_redirects=False) as r:
+                assert r.status == 303
+                flow = r.headers["Set-Cookie"]
+                authorize = r.headers["Location"]
+            assert flow.startswith("__Host-codehub_signin=")
+            assert all(a in flow for a in ("Secure", "HttpOnly", "Path=/;", "SameSite=Lax"))
+            assert parse_qs(urlsplit(authorize).query)["redirect_uri"] == [
+                stack.cfg.server.public_url + CALLBACK]
+            async with http.get(authorize, allow_redirects=False) as r:
+                back = r.headers["Location"]
+            async with http.get(stack.url(back[back.index(CALLBACK):]), allow_redirects=False,
+                                headers={"Cookie": flow.split(";")[0]}) as r:
+                assert r.status == 303, await r.text()
+                cookies = r.headers.getall("Set-Cookie")
+        session = cookie_named(cookies, "__Host-codehub_session")
+        assert all(a in session for a in ("Secure", "HttpOnly", "Path=/;", "SameSite=Lax"))
