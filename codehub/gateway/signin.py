@@ -21,7 +21,8 @@ Guarantees:
   403 with a page that says whose it is not; an unknown workspace 404.
 - `callback` accepts a code only with the flow cookie of the same browser, a `state` equal
   to the flow's (compared in constant time) and never used before (recorded through
-  Store.use_link, so a replay to any replica is refused); the ID token must pass
+  Store.use_link, so a replay to any replica is refused), and an `iss` parameter, when
+  the provider sends one (RFC 9207), equal to the issuer; the ID token must pass
   oidc.OidcClient.verify and identity. Every refusal is a page (400, 403 or 502) saying
   why; nothing is created: no session cookie is set and the flow cookie is removed.
 - `logout` (GET or same-origin POST) removes the session cookie and sends the browser to
@@ -32,6 +33,7 @@ Guarantees:
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -48,6 +50,7 @@ from .sessions import FLOW_TTL, PendingFlow, Scope, Signer
 if TYPE_CHECKING:
     from .handler import Gateway
 
+log = logging.getLogger(__name__)
 PREFIX = "/_codehub/auth"
 LINK_TTL = 60
 _MAX_PATH = 2048
@@ -202,6 +205,10 @@ async def callback(request: web.Request) -> web.StreamResponse:
         return _refused(request, 403, "Sign-in refused.",
                         "The identity provider did not sign you in.",
                         detail=q.get("error", "no code")[:80])
+    if "iss" in q and q["iss"] != si.client.cfg.issuer:  # RFC 9207: a mix-up of providers
+        return _refused(request, 403, "Sign-in refused.",
+                        "The answer names another identity provider than CodeHub's.",
+                        detail="wrong_issuer")
     return await _finish(request, si, q["code"], pending)
 
 
@@ -216,7 +223,9 @@ async def _finish(request: web.Request, si: SignIn, code: str, pending: PendingF
         identity = si.client.identity(claims)
     except OidcError as exc:
         status = 502 if exc.reason in _PROVIDER_DOWN else 403
+        log.warning("sign-in refused: %s", exc.reason)
         return _refused(request, status, "Sign-in refused.", str(exc), detail=exc.reason)
+    log.info("signed in: %s%s", identity.person, " (admin)" if identity.admin else "")
     value, _ = si.signer.session(identity, si.session_ttl)
     resp = _see_other(_base(request) + pending.next_path)
     resp.set_cookie(si.scope.session, value, path=si.scope.path, max_age=si.session_ttl,

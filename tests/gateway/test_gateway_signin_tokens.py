@@ -38,6 +38,7 @@ class Issuer:
         self.other = oidc.new_signing_key()  # never published
         self.url = ""
         self.says_issuer = ""  # what the discovery document claims; "" for its own URL
+        self.callback_iss = ""  # an `iss` parameter for the authorization response
         self.jwks_hits = 0
         self.nonce = ""
         self.change: Callable[[dict[str, Any], dict[str, Any]], Any] = (
@@ -70,8 +71,10 @@ class Issuer:
     async def authorize(self, request: web.Request) -> web.Response:
         q = request.query
         self.nonce = q["nonce"]
-        raise web.HTTPSeeOther(q["redirect_uri"] + "?" + urlencode(
-            {"code": "test-code", "state": q["state"]}))
+        answer = {"code": "test-code", "state": q["state"]}
+        if self.callback_iss:
+            answer["iss"] = self.callback_iss
+        raise web.HTTPSeeOther(q["redirect_uri"] + "?" + urlencode(answer))
 
     async def token(self, request: web.Request) -> web.Response:
         now = int(time.time())
@@ -297,3 +300,17 @@ async def test_on_https_host_mode_the_cookies_are_secure_and_host_prefixed(
                 cookies = r.headers.getall("Set-Cookie")
         session = cookie_named(cookies, "__Host-codehub_session")
         assert all(a in session for a in ("Secure", "HttpOnly", "Path=/;", "SameSite=Lax"))
+
+
+async def test_an_authorization_response_of_another_issuer_is_refused(
+        rogue: tuple[Stack, Issuer]) -> None:
+    """RFC 9207's mix-up defence: the provider names itself in the answer."""
+    stack, it = rogue
+    it.callback_iss = "https://evil.example"
+    hops = await _sign_in(stack)
+    assert hops[-1].status == 403 and "another identity provider" in hops[-1].text
+    assert not cookie_named(hops[-1].set_cookie, SESSION)
+    it.callback_iss = it.url
+    async with browser() as http:
+        hops = await oidc.walk(http, stack.url("/w/echo/"))
+    assert hops[-1].status == 200
