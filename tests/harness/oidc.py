@@ -3,7 +3,8 @@
 Guarantees:
 - ``start_oidc_provider(redirect_uris)`` installs the pinned package (tests/harness/oidc/
   package.json and package-lock.json, ``npm ci``) into build/oidc-provider/ of the
-  repository once per lock file, starts ``node provider.js`` on a free loopback port and
+  repository once per lock file (node and npm apt-get installed when missing and root),
+  starts ``node provider.js`` on a free loopback port and
   returns once its discovery document answers (or raises ServiceError with its log).
 - The provider has two users, ``alice`` (groups developers, codehub-admins) and ``bob``
   (developers), with the passwords in ``USERS``, and the confidential client ``codehub``
@@ -48,8 +49,8 @@ from .services import (
     _Child,
     _port_taken,
     _wait_until,
+    ensure_command,
     free_port,
-    which,
 )
 
 SOURCE = Path(__file__).resolve().parent / "oidc"
@@ -63,9 +64,7 @@ _FILES = ("package.json", "package-lock.json", "provider.js")
 def install() -> Path:
     """build/oidc-provider with the pinned oidc-provider installed (npm ci, once per lock
     file; concurrent test processes wait for each other)."""
-    npm = which("npm")
-    if npm is None:
-        raise ServiceError("npm is not installed: apt-get install npm (or Node.js 20+)")
+    npm = ensure_command("npm", "npm")
     digest = hashlib.sha256(b"".join((SOURCE / f).read_bytes() for f in _FILES)).hexdigest()
     INSTALL_DIR.mkdir(parents=True, exist_ok=True)
     stamp = INSTALL_DIR / f".installed-{digest[:16]}"
@@ -137,9 +136,7 @@ class OidcProvider(Service):
             "post_logout_redirect_uris": self.post_logout_redirect_uris,
             "clients": self.extra_clients, "id_token_ttl": self.id_token_ttl,
         }))
-        node = which("node")
-        if node is None:
-            raise ServiceError("node is not installed")
+        node = ensure_command("node", "nodejs")
         self._child = _Child([node, str(self._dir / "provider.js"), str(config)],
                              self._tmpdir / "provider.log", cwd=self._dir,
                              env={**os.environ, "NODE_ENV": "test"})
