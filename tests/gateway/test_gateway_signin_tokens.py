@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 from aiohttp import web
 from gateway_support import ECHO_ID, Stack, Upstream, client
-from harness import oidc
+from harness import oidc, services
 from joserfc import jwt
 from joserfc.jwk import OctKey, RSAKey
 from signin_support import ALICE, CALLBACK, browser, cookie_named, signin_stack
@@ -40,6 +40,7 @@ class Issuer:
         self.says_issuer = ""  # what the discovery document claims; "" for its own URL
         self.callback_iss = ""  # an `iss` parameter for the authorization response
         self.jwks_hits = 0
+        self.discovery_hits = 0
         self.nonce = ""
         self.change: Callable[[dict[str, Any], dict[str, Any]], Any] = (
             lambda header, claims: self.key)
@@ -62,6 +63,7 @@ class Issuer:
             await self._runner.cleanup()
 
     async def discovery(self, request: web.Request) -> web.Response:
+        self.discovery_hits += 1
         return web.json_response({
             "issuer": self.says_issuer or self.url,
             "authorization_endpoint": self.url + "/authorize",
@@ -314,3 +316,25 @@ async def test_an_authorization_response_of_another_issuer_is_refused(
     async with browser() as http:
         hops = await oidc.walk(http, stack.url("/w/echo/"))
     assert hops[-1].status == 200
+
+
+async def test_discovery_and_key_set_are_fetched_once_for_many_sign_ins(
+        rogue: tuple[Stack, Issuer]) -> None:
+    stack, it = rogue
+    for _ in range(3):
+        async with browser() as http:
+            hops = await oidc.walk(http, stack.url("/w/echo/"))
+        assert hops[-1].status == 200
+    assert (it.discovery_hits, it.jwks_hits) == (1, 1)
+
+
+async def test_an_unreachable_provider_gives_a_page_not_a_crash(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{services.free_port()}"
+    async for stack, _ in signin_stack(database_url, echo_upstream, tmp_path, issuer=closed,
+                                       http_timeout=5):
+        await stack.add(ECHO_ID, owner=ALICE)
+        async with browser() as http:
+            hops = await oidc.walk(http, stack.url("/w/echo/"))
+        assert hops[-1].status == 502 and "Sign-in is unavailable." in hops[-1].text
+        assert "could not be read" in hops[-1].text
