@@ -395,7 +395,7 @@ class OidcConfig:
 
     issuer: str = setting(
         "", "The provider's issuer URL (its discovery document is <issuer>/.well-known/"
-        "openid-configuration). Empty: no sign-in.", check=_issuer)
+        "openid-configuration); needs server.public_url. Empty: no sign-in.", check=_issuer)
     client_id: str = setting("", "The client id CodeHub is registered with.")
     client_secret: str = setting("", "The client's secret (client_secret_basic).",
                                  secret=True)
@@ -623,6 +623,10 @@ def load(path: str | os.PathLike[str] | None = None,
         for key in ("client_id", "client_secret"):
             if not getattr(oidc, key):
                 raise ConfigError(f"auth.oidc.{key}: required when auth.oidc.issuer is set")
+        if not cfg.server.public_url.startswith(("http://", "https://")):
+            raise ConfigError("auth.oidc.issuer: needs server.public_url (http:// or "
+                              "https://): the redirect URL registered at the provider is "
+                              "built from it")
     return cfg
 
 

@@ -139,13 +139,15 @@ def test_workspace_origins_and_trusted_proxies_are_checked(env: dict[str, str], 
     assert config.load(env=good).gateway.workspace_host == "{id}.ws.localhost:8000"
 
 
-OIDC = {"CODEHUB_AUTH__OIDC__ISSUER": "https://id.example.com/realms/x",
+OIDC = {"CODEHUB_SERVER__PUBLIC_URL": "https://code.example.com",
+        "CODEHUB_AUTH__OIDC__ISSUER": "https://id.example.com/realms/x",
         "CODEHUB_AUTH__OIDC__CLIENT_ID": "codehub",
         "CODEHUB_AUTH__OIDC__CLIENT_SECRET": "s3cret-9d1e"}
 
 
 def test_oidc_table_is_read_from_file_and_environment(tmp_path: Path) -> None:
-    p = write(tmp_path, '[auth.oidc]\nissuer = "http://127.0.0.1:5556"\nclient_id = "a"\n'
+    p = write(tmp_path, '[server]\npublic_url = "http://127.0.0.1:8000"\n[auth.oidc]\n'
+                        'issuer = "http://127.0.0.1:5556"\nclient_id = "a"\n'
                         'client_secret = "b"\nadmin_groups = ["admins"]\n')
     cfg = config.load(p, env={"CODEHUB_AUTH__OIDC__SCOPES": "openid,email,groups"})
     assert cfg.auth.oidc.enabled and cfg.auth.oidc.issuer == "http://127.0.0.1:5556"
@@ -168,6 +170,7 @@ def test_oidc_table_is_read_from_file_and_environment(tmp_path: Path) -> None:
      "auth.oidc.allowed_domains"),
     ({**OIDC, "CODEHUB_AUTH__OIDC__SESSION_TTL": "5"}, "auth.oidc.session_ttl: must be >= 60"),
     ({**OIDC, "CODEHUB_AUTH__OIDC__ISSUR": "x"}, "CODEHUB_AUTH__OIDC__ISSUR: unknown setting"),
+    ({**OIDC, "CODEHUB_SERVER__PUBLIC_URL": ""}, "auth.oidc.issuer: needs server.public_url"),
 ])
 def test_bad_oidc_setting_names_its_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(config.ConfigError) as err:

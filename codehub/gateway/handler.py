@@ -13,7 +13,9 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
   SameSite=Lax, Path=<root>, host-only; `__Host-` prefixed on HTTPS in host mode; Secure
   when the request came over HTTPS or `server.public_url` is https, i.e. TLS ends at a
   proxy in front) and a 303 to the same URL without the token; the link's use is recorded
-  and a replay is refused (403). Every other request needs that cookie: none -> 401;
+  and a replay is refused (403). Every other request needs that cookie: none -> 401
+  (with `[auth.oidc]`, a browser page load without a live cookie goes to sign-in instead,
+  signin.py);
   invalid, expired, another workspace's, revoked or of an earlier workspace of that id
   -> 403. Checking it is an HMAC plus a comparison with the cached row's access_nonce,
   never a database query while the route is cached.
@@ -375,8 +377,8 @@ class Gateway:
         cred = self.check_cookie(workspace_id, values, now)
         if cred.verdict is not Verdict.OK:
             return (self.signin is not None and signin.redirect(
-                request, workspace_id, target, f"{fwd.proto}://{fwd.host}", cred.verdict,
-                self.origins.public_base)) or self.denied(request, workspace_id, cred.verdict)
+                request, workspace_id, target, cred.verdict, self.origins.public_base,
+            )) or self.denied(request, workspace_id, cred.verdict)
         route = self.routes.cached(workspace_id)
         if route is None:
             try:

@@ -71,15 +71,15 @@ def open_url(base: str, workspace_id: str, target: str) -> str:
     return f"{base}{PREFIX}/open/{workspace_id}?{urlencode({'path': path})}"
 
 
-def redirect(request: web.Request, workspace_id: str, target: str, request_origin: str,
-             verdict: auth.Verdict, public_base: str) -> web.Response | None:
+def redirect(request: web.Request, workspace_id: str, target: str, verdict: auth.Verdict,
+             public_base: str) -> web.Response | None:
     """The 303 to `open` for a browser page load without a (live) workspace cookie; None
     for every other request, which keeps handler.py's 401/403."""
     if (verdict not in (auth.Verdict.MISSING, auth.Verdict.EXPIRED) or request.method != "GET"
             or "text/html" not in request.headers.get("Accept", "")
             or "Upgrade" in request.headers):
         return None
-    return _see_other(open_url(public_base or request_origin, workspace_id, target))
+    return _see_other(open_url(public_base, workspace_id, target))
 
 
 class SignIn:
@@ -99,9 +99,10 @@ def _gateway(request: web.Request) -> Gateway:
 
 
 def _base(request: web.Request) -> str:
-    """The main origin (with the public URL's path, if any) as the browser sees it."""
-    gw = _gateway(request)
-    return gw.origins.public_base or f"{request.scheme}://{request.host}"
+    """The main origin as the browser sees it: server.public_url (required with
+    [auth.oidc]: the redirect URL registered at the provider is built from it), with its
+    path if CodeHub is served below one."""
+    return _gateway(request).origins.public_base
 
 
 def _secure(request: web.Request) -> bool:

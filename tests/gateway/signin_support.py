@@ -50,9 +50,7 @@ async def signin_stack(database_url: str, up: Upstream, tmp_path: Path, *,
     try:
         auth = AuthConfig(signing_keys=[SIGNING_KEY], oidc=oidc_config(
             issuer or (provider.issuer if provider else ""), **oidc_changes))
-        extra: dict[str, Any] = {}
-        if host_mode or https:
-            extra = {"server": ServerConfig(public_url=main)}
+        extra: dict[str, Any] = {"server": ServerConfig(public_url=main)}
         if host_mode:
             extra["workspace_host"] = f"{{id}}.ws.localhost:{port}"
         async for s in open_stack(database_url, up, tmp_path, port=port, auth_config=auth,
