@@ -9,7 +9,8 @@ Guarantees:
   is wrong with it: an unknown key, a wrong type, a value out of range.
 - Environment variables override the file: `CODEHUB_<SECTION>__<KEY>` (for example
   `CODEHUB_SERVER__PORT=9000`, `CODEHUB_DATABASE__URL=postgresql://…`), and `CODEHUB_<KEY>`
-  for top-level keys (`CODEHUB_DATA_DIR`). Lists in the environment are comma-separated.
+  for top-level keys (`CODEHUB_DATA_DIR`); a table inside a section doubles the separator
+  again (`CODEHUB_AUTH__OIDC__ISSUER`). Lists in the environment are comma-separated.
 - A section left out entirely (or an empty URL) selects the embedded default for it.
 """
 
@@ -25,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .constants import DOCKER_DEFAULT_CAPABILITIES
 
@@ -350,6 +352,87 @@ class LimitsConfig:
         "requests) before it is closed.", lo=1, hi=86400)
 
 
+def _issuer(value: str) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or (
+            parts.fragment):
+        return f"expected an http(s) URL without query or fragment, got {value!r}"
+    if parts.scheme == "http" and not is_loopback_name(parts.hostname):
+        return f"must be https (http only on loopback), got {value!r}"
+    return None
+
+
+def is_loopback_name(host: str) -> bool:
+    """localhost, *.localhost, or a loopback address."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _scopes(value: list[str]) -> str | None:
+    if "openid" not in value:
+        return "must include openid"
+    bad = [s for s in value if not s or any(c.isspace() or c == '"' for c in s)]
+    return f"not a scope: {bad[0]!r}" if bad else None
+
+
+def _domains(value: list[str]) -> str | None:
+    bad = [d for d in value if not d or "@" in d or d != d.strip().lower()]
+    return f"expected lower-case domain names without @, got {bad[0]!r}" if bad else None
+
+
+@dataclass(frozen=True, slots=True)
+class OidcConfig:
+    """Sign-in with OpenID Connect at the gateway (authorization-code flow with PKCE): a
+    browser without a workspace credential is sent to the identity provider and back, and
+    opens the workspaces it owns. Empty issuer: off, access links only. Register the
+    redirect URL <server.public_url>/_codehub/auth/callback with the provider."""
+
+    issuer: str = setting(
+        "", "The provider's issuer URL (its discovery document is <issuer>/.well-known/"
+        "openid-configuration); needs server.public_url. Empty: no sign-in.", check=_issuer)
+    client_id: str = setting("", "The client id CodeHub is registered with.")
+    client_secret: str = setting("", "The client's secret (client_secret_basic).",
+                                 secret=True)
+    scopes: list[str] = setting(["openid", "email", "profile"],
+                                "Scopes asked for (openid is required).", check=_scopes)
+    user_claim: str = setting(
+        "email", "The ID-token claim that names the person: compared with a workspace's "
+        "owner. email and its domain count only when email_verified is true.",
+        check=lambda v: None if v else "must not be empty")
+    groups_claim: str = setting("groups", "The ID-token claim listing the person's groups.")
+    allowed_groups: list[str] = setting(
+        [], "Only people in one of these groups may sign in. Empty: any group.")
+    allowed_domains: list[str] = setting(
+        [], "Only people whose verified email is in one of these domains may sign in. "
+        "Empty: any domain.", check=_domains)
+    admin_groups: list[str] = setting(
+        [], "People in one of these groups are admins: they open every workspace.")
+    admins: list[str] = setting(
+        [], "People (values of user_claim) who are admins: they open every workspace.")
+    session_ttl: int = setting(8 * 3600, "Seconds a sign-in session lasts.", lo=60,
+                               hi=30 * 86400)
+    metadata_ttl: float = setting(
+        3600.0, "Seconds the discovery document and key set are cached.", lo=1, hi=86400)
+    jwks_refetch_interval: float = setting(
+        30.0, "Least seconds between two key-set fetches caused by an unknown key id (a "
+        "provider's key rotation costs one fetch; forged key ids cannot make more).",
+        lo=0, hi=3600)
+    clock_skew: int = setting(
+        60, "Seconds of clock difference tolerated when checking exp and iat.", lo=0, hi=600)
+    http_timeout: float = setting(10.0, "Seconds for each request to the provider.",
+                                  lo=0.1, hi=300)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer)
+
+
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     """Credentials. Secrets are best given through the environment."""
@@ -364,6 +447,8 @@ class AuthConfig:
                             hi=30 * 86400)
     cookie_ttl: int = setting(12 * 3600, "Seconds a workspace cookie stays valid.", lo=60,
                               hi=365 * 86400)
+    oidc: OidcConfig = field(default_factory=OidcConfig, metadata={
+        "doc": "Sign-in with OpenID Connect: the [auth.oidc] table."})
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,10 +477,15 @@ class Config:
         return Path(self.data_dir).expanduser().resolve()
 
 
-def _sections() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)
-            if dataclasses.is_dataclass(hints[f.name])}
+def _sections(cls: type = Config, prefix: str = "") -> dict[str, type]:
+    """Every table by its dotted name (`auth`, `auth.oidc`), parents before children."""
+    hints = typing.get_type_hints(cls)
+    found: dict[str, type] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found[prefix + f.name] = hints[f.name]
+            found.update(_sections(hints[f.name], f"{prefix}{f.name}."))
+    return found
 
 
 def _coerce(key: str, kind: Any, value: Any, from_env: bool) -> Any:
@@ -498,7 +588,7 @@ def _unknown_env(env: Mapping[str, str]) -> None:
     """Refuse CODEHUB_* variables that name no setting (a typo would otherwise be ignored)."""
     known = {f"{ENV_PREFIX}{f.name.upper()}" for f in dataclasses.fields(Config)}
     for sname, scls in _sections().items():
-        known.update(f"{ENV_PREFIX}{sname.upper()}__{f.name.upper()}"
+        known.update(f"{ENV_PREFIX}{sname.upper().replace('.', '__')}__{f.name.upper()}"
                      for f in dataclasses.fields(scls))
     # Not settings: read by `codehub workspace ...` (client.py) and `--config`.
     ignored = {"CODEHUB_FAILPOINT", "CODEHUB_CONFIG", "CODEHUB_API_URL", "CODEHUB_ADMIN_TOKEN"}
@@ -531,6 +621,15 @@ def load(path: str | os.PathLike[str] | None = None,
                           "https://), whose scheme the workspace origins use")
     if cfg.reconciler.backoff_base > cfg.reconciler.backoff_max:
         raise ConfigError("reconciler.backoff_base: must be <= reconciler.backoff_max")
+    oidc = cfg.auth.oidc
+    if oidc.enabled:
+        for key in ("client_id", "client_secret"):
+            if not getattr(oidc, key):
+                raise ConfigError(f"auth.oidc.{key}: required when auth.oidc.issuer is set")
+        if not cfg.server.public_url.startswith(("http://", "https://")):
+            raise ConfigError("auth.oidc.issuer: needs server.public_url (http:// or "
+                              "https://): the redirect URL registered at the provider is "
+                              "built from it")
     return cfg
 
 
@@ -570,7 +669,10 @@ def example_toml() -> str:
         out.append("")
         out.append(f"[{sname}]")
         out.append("# " + " ".join((scls.__doc__ or "").split()))
-        emit(scls, getattr(defaults, sname))
+        obj: Any = defaults
+        for part in sname.split("."):
+            obj = getattr(obj, part)
+        emit(scls, obj)
     return "\n".join(out) + "\n"
 
 

@@ -137,3 +137,55 @@ def test_workspace_origins_and_trusted_proxies_are_checked(env: dict[str, str], 
             "CODEHUB_SERVER__PUBLIC_URL": "http://localhost:8000",
             "CODEHUB_GATEWAY__TRUSTED_PROXIES": "10.0.0.0/8,::1/128"}
     assert config.load(env=good).gateway.workspace_host == "{id}.ws.localhost:8000"
+
+
+OIDC = {"CODEHUB_SERVER__PUBLIC_URL": "https://code.example.com",
+        "CODEHUB_AUTH__OIDC__ISSUER": "https://id.example.com/realms/x",
+        "CODEHUB_AUTH__OIDC__CLIENT_ID": "codehub",
+        "CODEHUB_AUTH__OIDC__CLIENT_SECRET": "s3cret-9d1e"}
+
+
+def test_oidc_table_is_read_from_file_and_environment(tmp_path: Path) -> None:
+    p = write(tmp_path, '[server]\npublic_url = "http://127.0.0.1:8000"\n[auth.oidc]\n'
+                        'issuer = "http://127.0.0.1:5556"\nclient_id = "a"\n'
+                        'client_secret = "b"\nadmin_groups = ["admins"]\n')
+    cfg = config.load(p, env={"CODEHUB_AUTH__OIDC__SCOPES": "openid,email,groups"})
+    assert cfg.auth.oidc.enabled and cfg.auth.oidc.issuer == "http://127.0.0.1:5556"
+    assert cfg.auth.oidc.admin_groups == ["admins"]
+    assert cfg.auth.oidc.scopes == ["openid", "email", "groups"]
+    assert not config.load(None, env={}).auth.oidc.enabled
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({**OIDC, "CODEHUB_AUTH__OIDC__ISSUER": "http://id.example.com"},
+     "auth.oidc.issuer: must be https"),
+    ({**OIDC, "CODEHUB_AUTH__OIDC__ISSUER": "https://id.example.com/?x=1"},
+     "auth.oidc.issuer: expected an http(s) URL"),
+    ({**OIDC, "CODEHUB_AUTH__OIDC__CLIENT_ID": ""},
+     "auth.oidc.client_id: required when auth.oidc.issuer is set"),
+    ({**OIDC, "CODEHUB_AUTH__OIDC__CLIENT_SECRET": ""},
+     "auth.oidc.client_secret: required when auth.oidc.issuer is set"),
+    ({**OIDC, "CODEHUB_AUTH__OIDC__SCOPES": "email"}, "auth.oidc.scopes"),
+    ({**OIDC, "CODEHUB_AUTH__OIDC__ALLOWED_DOMAINS": "@example.com"},
+     "auth.oidc.allowed_domains"),
+    ({**OIDC, "CODEHUB_AUTH__OIDC__SESSION_TTL": "5"}, "auth.oidc.session_ttl: must be >= 60"),
+    ({**OIDC, "CODEHUB_AUTH__OIDC__ISSUR": "x"}, "CODEHUB_AUTH__OIDC__ISSUR: unknown setting"),
+    ({**OIDC, "CODEHUB_SERVER__PUBLIC_URL": ""}, "auth.oidc.issuer: needs server.public_url"),
+])
+def test_bad_oidc_setting_names_its_key(env: dict[str, str], message: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, env=env)
+    assert message in str(err.value)
+
+
+def test_oidc_unknown_key_in_file_names_it(tmp_path: Path) -> None:
+    p = write(tmp_path, '[auth.oidc]\nclient = "x"\n')
+    with pytest.raises(config.ConfigError, match=r"auth\.oidc\.client: unknown key"):
+        config.load(p, env={})
+
+
+def test_oidc_client_secret_is_masked_when_shown() -> None:
+    shown = config.describe_secret_free(config.load(None, env=OIDC))
+    assert "s3cret-9d1e" not in repr(shown)
+    assert shown["auth"]["oidc"]["client_secret"] == "***"
+    assert shown["auth"]["oidc"]["client_id"] == "codehub"

@@ -5,7 +5,8 @@ HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth`
 links and cookies), `origins` (path mode or an origin per workspace), `activity` (marks +
 batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits), `watch` (one
 watcher per workspace feeding all its event streams), `handler` (what each request gets),
-`links` (minting access links).
+`links` (minting access links), and with `[auth.oidc]`: `oidc` (the relying party),
+`sessions` (signed session and flow cookies), `signin` (the sign-in routes).
 
 In host mode (gateway.workspace_host) a middleware sends every request for a workspace's
 origin to the gateway before routing; `/w/{id}/...` on the main origin redirects (308) to
@@ -23,19 +24,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .. import keys
 from ..interfaces import InstanceController
 from ..model import WORKSPACE_ID
-from . import links
+from . import links, signin
 from .auth import load_keys
 from .handler import MAX_ID_LENGTH, Gateway
+from .oidc import OidcClient
 from .origins import HostKind, Origins
 from .pages import Pages, plain, static_dir
+from .sessions import Scope, Signer
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,13 @@ def gateway_ctx(instances: web.AppKey[InstanceController],
         gw = Gateway(cfg, app[keys.STORE], app[keys.HINTS], app[instances], load_keys(cfg),
                      Pages(static_dir(cfg.gateway.static_dir)))
         app[GATEWAY] = gw
+        # The provider is reached over verified TLS: not through gw.session (workspaces).
+        idp = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) if (
+            cfg.auth.oidc.enabled) else None
+        if idp is not None:
+            gw.signin = signin.SignIn(OidcClient(cfg.auth.oidc, idp),
+                                      Signer(gw.keys, time.time),
+                                      Scope.of(gw.origins.host_mode, gw.public_https))
         loop = asyncio.get_running_loop()
         tasks = [
             loop.create_task(gw.routes.consume_hints(gw.hints, gw.recheck_sockets),
@@ -118,6 +130,8 @@ def gateway_ctx(instances: web.AppKey[InstanceController],
                     await task
             await gw.activity.flush()
             await gw.close()
+            if idp is not None:
+                await idp.close()
     return ctx
 
 
@@ -147,3 +161,6 @@ def setup(app: web.Application, *, instances: web.AppKey[InstanceController],
     app.router.add_route("*", "/w/{wid}/{tail:.*}", _workspace)
     if access_links:
         links.setup(app)
+    if cfg.auth.oidc.enabled:
+        signin.setup(app)
+        log.info("gateway: sign-in with OpenID Connect at %s", cfg.auth.oidc.issuer)

@@ -40,7 +40,11 @@ from ..config import Config
 COOKIE_NAME = "codehub_ws"
 # The name on HTTPS in host mode: a browser accepts it only host-only, Secure, Path=/.
 HOST_COOKIE_NAME = "__Host-codehub_ws"
-COOKIE_NAMES = frozenset({COOKIE_NAME, HOST_COOKIE_NAME})
+# The sign-in session and flow (sessions.py); on HTTPS in host mode `__Host-` prefixed.
+SESSION_COOKIE = "codehub_session"
+FLOW_COOKIE = "codehub_signin"
+COOKIE_NAMES = frozenset({COOKIE_NAME, HOST_COOKIE_NAME, SESSION_COOKIE, FLOW_COOKIE,
+                          "__Host-" + SESSION_COOKIE, "__Host-" + FLOW_COOKIE})
 KEY_FILE = "signing.key"
 _LINK = b"codehub-link\0"
 _COOKIE = b"codehub-cookie\0"

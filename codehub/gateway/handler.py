@@ -13,7 +13,9 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
   SameSite=Lax, Path=<root>, host-only; `__Host-` prefixed on HTTPS in host mode; Secure
   when the request came over HTTPS or `server.public_url` is https, i.e. TLS ends at a
   proxy in front) and a 303 to the same URL without the token; the link's use is recorded
-  and a replay is refused (403). Every other request needs that cookie: none -> 401;
+  and a replay is refused (403). Every other request needs that cookie: none -> 401
+  (with `[auth.oidc]`, a browser page load without a live cookie goes to sign-in instead,
+  signin.py);
   invalid, expired, another workspace's, revoked or of an earlier workspace of that id
   -> 403. Checking it is an HMAC plus a comparison with the cached row's access_nonce,
   never a database query while the route is cached.
@@ -54,7 +56,7 @@ from ..config import Config
 from ..interfaces import HintBus, InstanceController
 from ..model import DesiredState, Operation, Status
 from ..store import Store
-from . import auth, events, limits
+from . import auth, events, limits, signin
 from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
 from .origins import Origins
@@ -101,6 +103,7 @@ class Gateway:
         self.hints = hints
         self.keys = keys
         self.pages = pages
+        self.signin: signin.SignIn | None = None  # set by gateway_ctx with [auth.oidc]
         self.cookie_ttl = cfg.auth.cookie_ttl
         # Behind a TLS-terminating proxy the request itself is plain HTTP; the configured
         # public URL says what the browser sees (no forwarded header is trusted for this).
@@ -373,7 +376,9 @@ class Gateway:
                 return answer
         cred = self.check_cookie(workspace_id, values, now)
         if cred.verdict is not Verdict.OK:
-            return self.denied(request, workspace_id, cred.verdict)
+            return (self.signin is not None and signin.redirect(
+                request, workspace_id, target, cred.verdict, self.origins.public_base,
+            )) or self.denied(request, workspace_id, cred.verdict)
         route = self.routes.cached(workspace_id)
         if route is None:
             try:

@@ -85,13 +85,13 @@ def echo_upstream(docker_engine: services.DockerEngine, workspace_image: str,
 
 
 def make_config(tmp_path: Path, server: ServerConfig | None = None,
-                **gateway_settings: Any) -> Config:
+                auth_config: AuthConfig | None = None, **gateway_settings: Any) -> Config:
     settings: dict[str, Any] = {"activity_flush_interval": 0.2, "events_poll_interval": 0.2}
     settings.update(gateway_settings)
     return Config(
         data_dir=str(tmp_path),
         server=server or ServerConfig(),
-        auth=AuthConfig(signing_keys=[SIGNING_KEY], admin_tokens=[ADMIN_TOKEN]),
+        auth=auth_config or AuthConfig(signing_keys=[SIGNING_KEY], admin_tokens=[ADMIN_TOKEN]),
         gateway=GatewayConfig(**settings),
         docker=DockerConfig(),
     )
@@ -138,10 +138,10 @@ class Stack:
 
     async def add(self, workspace_id: str = ECHO_ID, status: Status = Status.RUNNING,
                   desired: DesiredState | None = None, now: datetime | None = None,
-                  **changes: Any) -> None:
+                  owner: str = "tester", **changes: Any) -> None:
         """A workspace row in `status` (RUNNING rows point at their container by name)."""
         self.remember(await self.store.create(
-            id=workspace_id, owner="tester", image_ref=self.up.image,
+            id=workspace_id, owner=owner, image_ref=self.up.image,
             desired_state=desired or DesiredState(
                 status.value if status.value in DesiredState.__members__ else "RUNNING"),
             now=now))
@@ -155,12 +155,13 @@ class Stack:
 async def open_stack(database_url: str, up: Upstream, tmp_path: Path,
                      server: ServerConfig | None = None, *, hints: HintBus | None = None,
                      port: int = 0, with_api: bool = False, with_health: bool = False,
-                     **gateway_settings: Any,
+                     auth_config: AuthConfig | None = None, **gateway_settings: Any,
                      ) -> AsyncIterator[Stack]:
     """`hints`: the bus (default: a new in-process one); `port`: 0 for any free one;
-    `with_api`: the admin API mounted as app.py does (it then mints the links). A second
+    `with_api`: the admin API mounted as app.py does (it then mints the links);
+    `auth_config`: instead of the test signing key and admin token alone. A second
     stack on the same database and a shared Redis bus is a second replica."""
-    cfg = make_config(tmp_path, server, **gateway_settings)
+    cfg = make_config(tmp_path, server, auth_config, **gateway_settings)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
     assert pool is not None
     async with pool.acquire() as conn:
