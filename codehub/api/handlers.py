@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from .. import audit, keys
+from .. import audit, keys, revocations
 from ..gateway import auth as gateway_auth
 from ..model import DesiredState, Operation, Status, Workspace
 from ..openapi import (
@@ -267,6 +267,35 @@ async def revoke_access(request: web.Request, args: Args) -> web.Response:
              "refused", ws.id)
     await _changed(request, ws.id)
     return json_reply(workspace_json(ws, context_of(request).config))
+
+
+async def revoke_sessions(request: web.Request, args: Args) -> web.Response:
+    """Every sign-in session of the person issued until now stops working (on every
+    replica within revocations.REFRESH); with `workspaces`, every workspace they own also
+    has its access revoked, so the workspace cookies their sessions minted die too."""
+    person: str = args.path["person"]
+    if CALL in request:
+        request[CALL].detail = {"person": person, **args.body}
+    # sessions carry whole seconds: a session issued in this very second is refused too
+    now = datetime.fromtimestamp(int(time.time()) + 1, UTC)
+    db = store_of(request)
+    not_before = await revocations.revoke(db, person, now)
+    revoked: list[str] = []
+    if args.body.get("workspaces"):
+        after: str | None = None
+        while True:
+            page = await db.list_page(status=None, owner=person, after_id=after, limit=200)
+            for ws in page:
+                if await db.revoke_access(ws.id) is not None:
+                    revoked.append(ws.id)
+                    await _changed(request, ws.id)
+            if len(page) < 200:
+                break
+            after = page[-1].id
+    log.info("api: sign-in sessions of %s revoked (issued before %s); access revoked on %d "
+             "workspace(s)", person, iso(not_before), len(revoked))
+    return json_reply({"person": person, "not_before": iso(not_before),
+                       "workspaces_revoked": revoked})
 
 
 async def list_audit(request: web.Request, args: Args) -> web.Response:

@@ -31,6 +31,7 @@ from .handlers import (
     restore_workspace,
     retry_workspace,
     revoke_access,
+    revoke_sessions,
 )
 from .schemas import (
     HOME_MIN_MIB,
@@ -170,6 +171,19 @@ ROUTES: tuple[Route, ...] = (
            [Reply(200, "Revoked: every gateway refuses the earlier links and cookies once "
                   "it has the hint (or at the latest after gateway.route_ttl).",
                   "Workspace")], path_params=(_ID_PARAM,)),
+    _route("POST", "/people/{person}/revoke-sessions", "revokeSessions",
+           "End every sign-in session of a person (and, optionally, their workspace access)",
+           revoke_sessions,
+           [Reply(200, "Revoked: every gateway refuses the person's earlier sessions within "
+                  "5 s.", "SessionRevocation")],
+           path_params=(Field("person", {"type": "string", "minLength": 1, "maxLength": 128,
+                                         "pattern": OWNER_PATTERN},
+                              "The person, as sign-in names them (auth.oidc.user_claim) and "
+                              "as workspaces' owner.", required=True),),
+           body=Body((Field("workspaces", {"type": "boolean"},
+                            "Also revoke access to every workspace the person owns (their "
+                            "links and cookies stop working)."),),
+                     "Optional options.", optional=True)),
     _route("GET", "/audit", "listAudit", "The audit log, newest first (paged)", list_audit,
            [Reply(200, "A page of audit entries, newest first.", "AuditPage")],
            query=(

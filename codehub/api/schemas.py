@@ -90,6 +90,11 @@ SCHEMAS: dict[str, Any] = {
                         "description": "Pass as `cursor` for the next page; null: last page."},
     }),
     "AccessLink": json_object({"url": {"type": "string"}, "expires_at": TIME_SCHEMA}),
+    "SessionRevocation": json_object({
+        "person": {"type": "string"},
+        "not_before": TIME_SCHEMA,
+        "workspaces_revoked": {"type": "array", "items": {"type": "string"}},
+    }),
     "AuditEntry": json_object({
         "id": {"type": "integer", "minimum": 1},
         "at": TIME_SCHEMA,

@@ -26,14 +26,16 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .. import keys
+from .. import keys, revocations
 from ..interfaces import InstanceController
 from ..model import WORKSPACE_ID
+from ..store import StoreUnavailable
 from . import links, signin
 from .auth import load_keys
 from .handler import MAX_ID_LENGTH, Gateway
@@ -120,6 +122,9 @@ def gateway_ctx(instances: web.AppKey[InstanceController],
             loop.create_task(gw.activity.run(), name="gateway-activity"),
             loop.create_task(_housekeeping(gw), name="gateway-housekeeping"),
         ]
+        if gw.signin is not None:
+            tasks.append(loop.create_task(_revocations(gw, gw.signin.signer),
+                                          name="gateway-session-revocations"))
         try:
             yield
         finally:
@@ -133,6 +138,27 @@ def gateway_ctx(instances: web.AppKey[InstanceController],
             if idp is not None:
                 await idp.close()
     return ctx
+
+
+async def _revocations(gw: Gateway, signer: Signer) -> None:
+    """Session revocations (revocations.py) into the signer's in-memory table, every
+    revocations.REFRESH seconds; a database outage keeps the table as it was."""
+    horizon = gw.cfg.auth.oidc.session_ttl + 60
+    failing = False
+    while True:
+        try:
+            found = await revocations.since(
+                gw.store, datetime.now(UTC) - timedelta(seconds=horizon))
+        except (StoreUnavailable, OSError) as exc:
+            if not failing:
+                log.warning("gateway: session revocations unreadable (%s); keeping the "
+                            "known ones", exc or type(exc).__name__)
+            failing = True
+        else:
+            failing = False
+            for person, at in found.items():
+                signer.not_before.revoke(person, int(at.timestamp()))
+        await asyncio.sleep(revocations.REFRESH)
 
 
 async def _housekeeping(gw: Gateway) -> None:

@@ -17,8 +17,9 @@ Guarantees:
   key verifies, so a key rotation keeps sessions alive as access links do.
 - Checking a session is a signature check plus a dict lookup (`NotBefore`): no database.
   A session issued before its person's "not before" time is refused. The admin API's
-  per-person revocation (issue #16) is to set that time through a hint; the table is
-  bounded (at most one entry per person) and lives in memory.
+  per-person revocation writes that time to PostgreSQL (revocations.py) and the gateway
+  copies the recent ones into this table every few seconds; the table is bounded (at most
+  one entry per person) and lives in memory.
 - A value that is malformed, forged, expired or of the wrong purpose verifies as None.
 """
 
