@@ -1,21 +1,34 @@
 """Talking to the Docker engine, shared by the runtime and storage adapters: how its
-failures become AdapterError / PermanentError, images made present, container log tails.
+failures become AdapterError / PermanentError, "404 means gone", ownership labels, images
+made present, container log tails.
 
+Guarantees:
 - `docker_failure()` words an engine or transport failure as a retryable AdapterError
   naming what we were doing; `TRANSPORT_ERRORS` are the exceptions it covers.
 - `ensure_image()` returns once the image is present, pulling it when missing; an image
   that cannot be pulled is a PermanentError naming it (it is not coming back by retrying).
 - `log_tail()` is the last lines of a container's output for an error message; it never
   raises.
+- `docker_errors(what)` turns every engine or transport failure inside it into
+  `docker_failure(what, ...)`.
+- `inspect_container()` / `inspect_volume()` return None for what does not exist (404);
+  `remove_container()` / `delete_volume()` return quietly for it (and for a container
+  removal already in progress). Every other failure is a retryable AdapterError.
+- `require_ours(labels, what, workspace_id)` raises PermanentError unless the labels say
+  CodeHub manages the object (and, with `workspace_id`, that it belongs to that workspace).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import aiodocker
 import aiohttp
+from aiodocker.volumes import DockerVolume
 
+from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID
 from ..interfaces import AdapterError, PermanentError
 from ..model import WORKSPACE_ID
 
@@ -63,3 +76,75 @@ def check_workspace_id(workspace_id: str) -> None:
     """Refuse an id outside model.WORKSPACE_ID before it becomes part of an engine name."""
     if not WORKSPACE_ID.fullmatch(workspace_id):
         raise PermanentError(f"invalid workspace id {workspace_id!r}")
+
+
+@contextlib.contextmanager
+def docker_errors(what: str) -> Iterator[None]:
+    """Engine and transport failures are worth retrying; say what we were doing."""
+    try:
+        yield
+    except TRANSPORT_ERRORS as exc:
+        raise docker_failure(what, exc) from exc
+
+
+def _gone(exc: aiodocker.DockerError) -> bool:
+    return exc.status == 404
+
+
+async def inspect_container(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
+    """The container's inspect document; None when there is none of that name."""
+    with docker_errors(f"inspecting container {name}"):
+        try:
+            container = await docker.containers.get(name)
+        except aiodocker.DockerError as exc:
+            if _gone(exc):
+                return None
+            raise
+    info: dict[str, Any] = container._container
+    return info
+
+
+async def inspect_volume(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
+    """The volume's inspect document; None when there is none of that name."""
+    with docker_errors(f"inspecting volume {name}"):
+        try:
+            volume = DockerVolume(docker, name)  # type: ignore[no-untyped-call]
+            info: dict[str, Any] = await volume.show()  # type: ignore[no-untyped-call]
+        except aiodocker.DockerError as exc:
+            if _gone(exc):
+                return None
+            raise
+    return info
+
+
+async def remove_container(docker: aiodocker.Docker, name: str) -> None:
+    """Force-remove a container; one that is gone (or going) is fine."""
+    with docker_errors(f"removing container {name}"):
+        try:
+            await docker.containers.container(name).delete(force=True)
+        except aiodocker.DockerError as exc:
+            if _gone(exc) or (exc.status == 409 and "already in progress" in exc.message):
+                return
+            raise
+
+
+async def delete_volume(docker: aiodocker.Docker, name: str) -> None:
+    """Delete a volume; one that is gone is fine. 409: still in use by a container."""
+    with docker_errors(f"deleting volume {name}"):
+        try:
+            await DockerVolume(docker, name).delete()  # type: ignore[no-untyped-call]
+        except aiodocker.DockerError as exc:
+            if not _gone(exc):
+                raise
+
+
+def require_ours(labels: Mapping[str, str] | None, what: str,
+                 workspace_id: str | None = None) -> None:
+    """PermanentError unless CodeHub manages `what` (of `workspace_id`, when given)."""
+    labels = labels or {}
+    if labels.get(LABEL_MANAGED_BY) != LABEL_MANAGED_BY_VALUE:
+        raise PermanentError(f"{what} exists and is not managed by CodeHub: refusing to "
+                             "touch it")
+    if workspace_id is not None and labels.get(LABEL_WORKSPACE_ID) != workspace_id:
+        raise PermanentError(f"{what} belongs to workspace "
+                             f"{labels.get(LABEL_WORKSPACE_ID)!r}, not {workspace_id!r}")
