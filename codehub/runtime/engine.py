@@ -11,9 +11,10 @@ Guarantees:
   raises.
 - `docker_errors(what)` turns every engine or transport failure inside it into
   `docker_failure(what, ...)`.
-- `inspect_container()` / `inspect_volume()` return None for what does not exist (404);
-  `remove_container()` / `delete_volume()` return quietly for it (and for a container
-  removal already in progress). Every other failure is a retryable AdapterError.
+- `inspect_container()` / `inspect_volume()` / `inspect_network()` return None for what
+  does not exist (404); `remove_container()` / `delete_volume()` / `delete_network()`
+  return quietly for it (and for a container removal already in progress). Every other
+  failure is a retryable AdapterError naming what was asked.
 - `require_ours(labels, what, workspace_id)` raises PermanentError unless the labels say
   CodeHub manages the object (and, with `workspace_id`, that it belongs to that workspace).
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 import aiodocker
 import aiohttp
+from aiodocker.networks import DockerNetwork
 from aiodocker.volumes import DockerVolume
 
 from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID
@@ -148,3 +150,26 @@ def require_ours(labels: Mapping[str, str] | None, what: str,
     if workspace_id is not None and labels.get(LABEL_WORKSPACE_ID) != workspace_id:
         raise PermanentError(f"{what} belongs to workspace "
                              f"{labels.get(LABEL_WORKSPACE_ID)!r}, not {workspace_id!r}")
+
+
+async def inspect_network(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
+    """The network's inspect document; None when there is none of that name (or id)."""
+    with docker_errors(f"inspecting network {name}"):
+        try:
+            network = DockerNetwork(docker, name)  # type: ignore[no-untyped-call]
+            info: dict[str, Any] = await network.show()
+        except aiodocker.DockerError as exc:
+            if _gone(exc):
+                return None
+            raise
+    return info
+
+
+async def delete_network(docker: aiodocker.Docker, name: str) -> None:
+    """Delete a network; one that is gone is fine."""
+    with docker_errors(f"deleting network {name}"):
+        try:
+            await DockerNetwork(docker, name).delete()  # type: ignore[no-untyped-call]
+        except aiodocker.DockerError as exc:
+            if not _gone(exc):
+                raise
