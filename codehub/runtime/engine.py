@@ -22,8 +22,8 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Awaitable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
@@ -34,6 +34,7 @@ from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_WORKSPAC
 from ..interfaces import AdapterError, PermanentError
 from ..model import WORKSPACE_ID
 
+T = TypeVar("T")
 TRANSPORT_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, TimeoutError)
 LOG_LINES = 20
 
@@ -89,55 +90,62 @@ def docker_errors(what: str) -> Iterator[None]:
         raise docker_failure(what, exc) from exc
 
 
-def _gone(exc: aiodocker.DockerError) -> bool:
-    return exc.status == 404
+
+async def _unless_gone(what: str, request: Awaitable[T], *, going_is_gone: bool = False
+                       ) -> T | None:
+    """The answer to `request`; None when Docker says there is no such object (404), or
+    (`going_is_gone`) that its removal is already in progress. Any other failure:
+    docker_failure(what)."""
+    with docker_errors(what):
+        try:
+            return await request
+        except aiodocker.DockerError as exc:
+            going = exc.status == 409 and "already in progress" in exc.message
+            if exc.status == 404 or (going_is_gone and going):
+                return None
+            raise
 
 
 async def inspect_container(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
     """The container's inspect document; None when there is none of that name."""
-    with docker_errors(f"inspecting container {name}"):
-        try:
-            container = await docker.containers.get(name)
-        except aiodocker.DockerError as exc:
-            if _gone(exc):
-                return None
-            raise
-    info: dict[str, Any] = container._container
-    return info
+    found = await _unless_gone(f"inspecting container {name}", docker.containers.get(name))
+    return None if found is None else dict(found._container)
 
 
 async def inspect_volume(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
     """The volume's inspect document; None when there is none of that name."""
-    with docker_errors(f"inspecting volume {name}"):
-        try:
-            volume = DockerVolume(docker, name)  # type: ignore[no-untyped-call]
-            info: dict[str, Any] = await volume.show()  # type: ignore[no-untyped-call]
-        except aiodocker.DockerError as exc:
-            if _gone(exc):
-                return None
-            raise
+    volume = DockerVolume(docker, name)  # type: ignore[no-untyped-call]
+    info: dict[str, Any] | None = await _unless_gone(
+        f"inspecting volume {name}", volume.show())  # type: ignore[no-untyped-call]
+    return info
+
+
+async def inspect_network(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
+    """The network's inspect document; None when there is none of that name (or id)."""
+    network = DockerNetwork(docker, name)  # type: ignore[no-untyped-call]
+    info: dict[str, Any] | None = await _unless_gone(f"inspecting network {name}",
+                                                     network.show())
     return info
 
 
 async def remove_container(docker: aiodocker.Docker, name: str) -> None:
     """Force-remove a container; one that is gone (or going) is fine."""
-    with docker_errors(f"removing container {name}"):
-        try:
-            await docker.containers.container(name).delete(force=True)
-        except aiodocker.DockerError as exc:
-            if _gone(exc) or (exc.status == 409 and "already in progress" in exc.message):
-                return
-            raise
+    await _unless_gone(f"removing container {name}",
+                       docker.containers.container(name).delete(force=True),
+                       going_is_gone=True)
 
 
 async def delete_volume(docker: aiodocker.Docker, name: str) -> None:
     """Delete a volume; one that is gone is fine. 409: still in use by a container."""
-    with docker_errors(f"deleting volume {name}"):
-        try:
-            await DockerVolume(docker, name).delete()  # type: ignore[no-untyped-call]
-        except aiodocker.DockerError as exc:
-            if not _gone(exc):
-                raise
+    volume = DockerVolume(docker, name)  # type: ignore[no-untyped-call]
+    await _unless_gone(f"deleting volume {name}",
+                       volume.delete())  # type: ignore[no-untyped-call]
+
+
+async def delete_network(docker: aiodocker.Docker, name: str) -> None:
+    """Delete a network; one that is gone is fine."""
+    network = DockerNetwork(docker, name)  # type: ignore[no-untyped-call]
+    await _unless_gone(f"deleting network {name}", network.delete())
 
 
 def require_ours(labels: Mapping[str, str] | None, what: str,
@@ -150,26 +158,3 @@ def require_ours(labels: Mapping[str, str] | None, what: str,
     if workspace_id is not None and labels.get(LABEL_WORKSPACE_ID) != workspace_id:
         raise PermanentError(f"{what} belongs to workspace "
                              f"{labels.get(LABEL_WORKSPACE_ID)!r}, not {workspace_id!r}")
-
-
-async def inspect_network(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
-    """The network's inspect document; None when there is none of that name (or id)."""
-    with docker_errors(f"inspecting network {name}"):
-        try:
-            network = DockerNetwork(docker, name)  # type: ignore[no-untyped-call]
-            info: dict[str, Any] = await network.show()
-        except aiodocker.DockerError as exc:
-            if _gone(exc):
-                return None
-            raise
-    return info
-
-
-async def delete_network(docker: aiodocker.Docker, name: str) -> None:
-    """Delete a network; one that is gone is fine."""
-    with docker_errors(f"deleting network {name}"):
-        try:
-            await DockerNetwork(docker, name).delete()  # type: ignore[no-untyped-call]
-        except aiodocker.DockerError as exc:
-            if not _gone(exc):
-                raise
