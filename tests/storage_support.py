@@ -66,6 +66,13 @@ async def put_tar(docker: aiodocker.Docker, volume: str, image: str, data: Any) 
         await docker.containers.container(helper).delete(force=True)
 
 
+def end_of_members(tar: bytes) -> int:
+    """Where the tar's end-of-archive marker begins: everything before it is members."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        last = tf.getmembers()[-1]
+    return last.offset_data + -(-last.size // 512) * 512
+
+
 def as_restored(before: Manifest, uid: int = 1000, gid: int = 1000) -> Manifest:
     """What a restore of a home with manifest `before` gives back: the same entries, all
     owned by the home's owner, no setuid/setgid bits (codehub.storage.tarfilter)."""

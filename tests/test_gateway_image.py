@@ -44,9 +44,9 @@ async def main():
                 info = tarfile.TarInfo(name)
                 info.size, info.uid, info.gid = len(data), 1000, 1000
                 tf.addfile(info, io.BytesIO(data))
-        helper = await storage._create_helper(volume, "w1", "filler", read_only=False)
+        helper = await storage.helpers.create(volume, "w1", "filler", read_only=False)
         await docker.containers.container(helper).put_archive("/home", buf.getvalue())
-        await storage._remove_container(helper)
+        await storage.helpers.remove(helper)
         archived = await storage.archive("w1", volume)
         restored = await storage.restore("w1", archived.key, archived.sha256)
         print(json.dumps({"restored": restored}))

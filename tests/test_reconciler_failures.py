@@ -1,4 +1,6 @@
-"""Failures are recorded, retried with backoff, and end in ERROR only when they should.
+"""Failures are recorded, retried with backoff, and end in ERROR only when they should;
+an action's progress is a sign of life, written to the row through the reconciler's one
+throttle (at most once per `progress_write_interval` on the clock).
 
 The adapters are the real Docker ones, wrapped by doubles that inject faults (JupyterHub's
 BadSpawner/NeverSpawner pattern); time is a FakeClock, so backoff is crossed without sleeps.
@@ -17,7 +19,13 @@ from reconciler_stack import Stack, make_stack
 
 from codehub import keys
 from codehub.hints import InProcessHintBus
-from codehub.interfaces import PermanentError, StorageProvider
+from codehub.interfaces import (
+    ArchiveInfo,
+    PermanentError,
+    Progress,
+    ProgressCallback,
+    StorageProvider,
+)
 from codehub.model import DesiredState, Operation, Status
 from codehub.reconciler.controller import Controller
 from codehub.reconciler.reconciler import Policy, Result
@@ -50,6 +58,34 @@ class NeverProvision(FlakyProvision):
         self.calls += 1
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
+
+
+BURST = 50
+
+
+class ChattyArchive:
+    """`archive` reports BURST steps of phase "testing", waits for `go`, reports BURST more,
+    then archives with the real storage."""
+
+    def __init__(self, real: StorageProvider) -> None:
+        self.real = real
+        self.first_burst = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def archive(self, workspace_id: str, home_store_key: str,
+                      progress: ProgressCallback | None = None) -> ArchiveInfo:
+        assert progress is not None
+        for done in range(2 * BURST):
+            if done == BURST:
+                self.first_burst.set()
+                await self.go.wait()
+            result = progress(Progress("testing", done, 2 * BURST))
+            if result is not None:
+                await result
+        return await self.real.archive(workspace_id, home_store_key, progress)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 @pytest.fixture
@@ -181,6 +217,35 @@ async def test_stuck_operation_is_cancelled_and_retried_never_left_hanging(
     assert "no progress for 60s" in ws.error_message
     await stack.clock.advance(10)
     await until(lambda: _calls(never, 2))  # retried
+
+
+async def test_progress_is_written_at_most_once_per_interval_however_often_it_is_reported(
+        stack: Stack) -> None:
+    chatty = ChattyArchive(stack.storage)
+    stack.storage = chatty  # type: ignore[assignment]
+    written: list[int] = []
+    real_cas = stack.store.compare_and_set
+
+    async def spy(workspace_id: str, **changes: Any) -> Any:
+        if changes.get("progress_phase") == "testing":
+            written.append(changes["progress_done"])
+        return await real_cas(workspace_id, **changes)
+
+    stack.store.compare_and_set = spy  # type: ignore[method-assign]
+    stack.run_controller()
+    await stack.create("chatty", desired_state=DesiredState.WARM)
+    await stack.wait_status("chatty", Status.WARM)
+    await stack.want("chatty", DesiredState.COLD)
+    async with asyncio.timeout(60):
+        await chatty.first_burst.wait()
+    assert written == [0]  # the first report of the burst, none of the other 49
+    ws = await stack.store.get("chatty")
+    assert ws is not None and (ws.progress_phase, ws.progress_done) == ("testing", 0)
+
+    await stack.clock.advance(1.5)  # past the interval: the next report is written
+    chatty.go.set()
+    await stack.wait_status("chatty", Status.COLD)
+    assert written == [0, BURST]
 
 
 def reconciles(controller: Controller) -> list[tuple[str, float]]:

@@ -1,8 +1,9 @@
-"""The restore's hold-back (codehub/storage/volumes.py): an extractor never receives a
-complete tar that did not verify. The last 64 KiB of the tar wait for the archive's sha256
-and gzip trailer, so an archive corrupt only in its LAST bytes, whose every earlier byte
-inflates to the right tar, still ends in a failed restore whose extractor never got the
-end of the tar, with the archive kept and no volume left behind.
+"""The restore's hold-back (codehub/storage/codec.py, through codehub/storage/volumes.py):
+an extractor never receives a complete tar that did not verify. The last 64 KiB of the tar
+wait for the archive's sha256 and gzip trailer, so an archive corrupt only in its LAST
+bytes, whose every earlier byte inflates to the right tar, still ends in a failed restore
+whose extractor never got the end of the tar, with the archive kept and no volume left
+behind.
 
 Real Docker engine, archives in a real S3 API (moto server). What the extractor was sent
 is recorded where it leaves this process: for Docker's put-archive by a relay in front of
@@ -30,9 +31,8 @@ from types import TracebackType
 import aiodocker
 import pytest
 from harness.services import DockerEngine
-from storage_support import MiB, make_storage, manifest, our_leftovers
+from storage_support import MiB, end_of_members, make_storage, manifest, our_leftovers
 
-import codehub.storage.volumes as volumes_module
 from codehub.interfaces import IntegrityError, Progress
 from codehub.storage.feed import FeedConnection
 from codehub.storage.objects import S3ObjectStore
@@ -68,13 +68,6 @@ def home_tar(bulk: bytes, last: bytes) -> bytes:
         _add(tf, "coder/bulk.bin", bulk)
         _add(tf, "coder/last.bin", last)
     return buf.getvalue()
-
-
-def end_of_members(tar: bytes) -> int:
-    """Where the tar's end-of-archive marker begins: everything before it is members."""
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        last = tf.getmembers()[-1]
-    return last.offset_data + -(-last.size // 512) * 512
 
 
 def gzip_member(tar: bytes) -> bytes:
@@ -258,7 +251,6 @@ async def test_the_extractor_never_gets_the_last_64_kib_of_a_tar_that_did_not_ve
         # A slow progress sink, the strongest case for the hold-back: with all but the
         # archive's last read in, the restore waits until the extractor has been sent all
         # it is going to get before the last bytes are looked at.
-        monkeypatch.setattr(volumes_module, "PROGRESS_INTERVAL", 0.0)  # every report
         sent: Callable[[], int]
 
         async def slow_progress(progress: Progress) -> None:

@@ -34,7 +34,7 @@ from storage_support import (
     put_tar,
 )
 
-import codehub.storage.volumes as volumes_module
+import codehub.storage.helpers as helpers_module
 from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
 from codehub.interfaces import AdapterError, IntegrityError, PermanentError, Progress
 from codehub.model import VolumeState
@@ -222,7 +222,7 @@ async def test_purge_is_idempotent_removes_stale_helpers_and_ignores_what_is_mis
     volume = await storage.provision("w1")
     info = await storage.archive("w1", volume)
     # A helper a killed archive left behind pins the volume; purge must remove it.
-    await storage._create_helper(volume, "w1", "archiver", read_only=True)
+    await storage.helpers.create(volume, "w1", "archiver", read_only=True)
     for _ in range(2):
         await storage.purge(volume, info.key)
         assert await storage.get_volume_status("w1", volume) is VolumeState.MISSING
@@ -260,7 +260,7 @@ async def test_archive_of_a_tar_stream_cut_short_fails_and_stores_nothing(
     volume = await storage.provision("w1")
     await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=4 * MiB)
     before = await manifest(docker, volume, workspace_image)
-    real = volumes_module._read_block
+    real = helpers_module.read_block
     blocks = 0
 
     async def cut_after_two_blocks(content: Any, size: int) -> bytes:
@@ -268,7 +268,7 @@ async def test_archive_of_a_tar_stream_cut_short_fails_and_stores_nothing(
         blocks += 1
         return b"" if blocks > 2 else await real(content, size)
 
-    monkeypatch.setattr(volumes_module, "_read_block", cut_after_two_blocks)
+    monkeypatch.setattr(helpers_module, "read_block", cut_after_two_blocks)
     with pytest.raises(AdapterError, match="end-of-archive"):
         await storage.archive("w1", volume)
     monkeypatch.undo()

@@ -18,6 +18,9 @@ Guarantees:
   it waits for an admin; a DELETE is retried regardless.
 - An action that reports no progress for `stuck_timeout` seconds is cancelled and counted
   as a failure, never left hanging.
+- Progress is written to the row at most once per `progress_write_interval` (on the
+  injected clock): the one progress throttle. Adapters report every step unthrottled, so
+  every report also counts as a sign of life for `stuck_timeout`.
 """
 
 from __future__ import annotations

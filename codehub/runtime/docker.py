@@ -47,7 +47,6 @@ from typing import Any
 
 import aiodocker
 import aiohttp
-from aiodocker.volumes import DockerVolume
 
 from ..constants import (
     LABEL_MANAGED_BY,
@@ -64,7 +63,17 @@ from ..interfaces import (
     UpstreamInfo,
 )
 from ..model import InstanceState
-from .engine import TRANSPORT_ERRORS, check_workspace_id, docker_failure, ensure_image, log_tail
+from .engine import (
+    TRANSPORT_ERRORS,
+    check_workspace_id,
+    docker_failure,
+    ensure_image,
+    inspect_container,
+    inspect_volume,
+    log_tail,
+    remove_container,
+    require_ours,
+)
 from .network import BridgeNetwork
 from .sandbox import Sandbox
 
@@ -259,10 +268,8 @@ class DockerInstanceController(InstanceController):
 
     @staticmethod
     def _require_ours(info: dict[str, Any]) -> None:
-        labels = info.get("Config", {}).get("Labels") or {}
-        if labels.get(LABEL_MANAGED_BY) != LABEL_MANAGED_BY_VALUE:
-            raise PermanentError(f"container {info.get('Name', '?').lstrip('/')} exists and "
-                                 "is not managed by CodeHub: refusing to touch it")
+        require_ours(info.get("Config", {}).get("Labels"),
+                     f"container {info.get('Name', '?').lstrip('/')}")
 
     def _spec(self, image_ref: str, volume_name: str, network: str) -> str:
         spec = {"image": image_ref, "volume": volume_name, "command": self._command,
@@ -276,39 +283,15 @@ class DockerInstanceController(InstanceController):
         return None
 
     async def _inspect(self, name: str) -> dict[str, Any] | None:
-        try:
-            container = await self._docker.containers.get(name)
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                return None
-            raise docker_failure(f"inspecting {name}", exc) from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise docker_failure(f"inspecting {name}", exc) from exc
-        return container._container
+        return await inspect_container(self._docker, name)
 
     async def _require_volume(self, volume_name: str) -> None:
         """Docker would create a missing volume silently: never start on a blank home."""
-        try:
-            volume = DockerVolume(self._docker, volume_name)  # type: ignore[no-untyped-call]
-            await volume.show()  # type: ignore[no-untyped-call]
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                raise PermanentError(f"home volume {volume_name} does not exist") from exc
-            raise docker_failure(f"inspecting volume {volume_name}", exc) from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise docker_failure(f"inspecting volume {volume_name}", exc) from exc
+        if await inspect_volume(self._docker, volume_name) is None:
+            raise PermanentError(f"home volume {volume_name} does not exist")
 
     async def _remove(self, name: str) -> None:
-        try:
-            await self._docker.containers.container(name).delete(force=True)
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                return
-            if exc.status == 409 and "already in progress" in exc.message:
-                return
-            raise docker_failure(f"removing {name}", exc) from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise docker_failure(f"removing {name}", exc) from exc
+        await remove_container(self._docker, name)
 
     async def _create(self, name: str, workspace_id: str, image_ref: str, volume_name: str,
                       spec: str, bridge: BridgeNetwork) -> None:

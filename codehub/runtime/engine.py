@@ -1,24 +1,40 @@
 """Talking to the Docker engine, shared by the runtime and storage adapters: how its
-failures become AdapterError / PermanentError, images made present, container log tails.
+failures become AdapterError / PermanentError, "404 means gone", ownership labels, images
+made present, container log tails.
 
+Guarantees:
 - `docker_failure()` words an engine or transport failure as a retryable AdapterError
   naming what we were doing; `TRANSPORT_ERRORS` are the exceptions it covers.
 - `ensure_image()` returns once the image is present, pulling it when missing; an image
   that cannot be pulled is a PermanentError naming it (it is not coming back by retrying).
 - `log_tail()` is the last lines of a container's output for an error message; it never
   raises.
+- `docker_errors(what)` turns every engine or transport failure inside it into
+  `docker_failure(what, ...)`.
+- `inspect_container()` / `inspect_volume()` / `inspect_network()` return None for what
+  does not exist (404); `remove_container()` / `delete_volume()` / `delete_network()`
+  return quietly for it (and for a container removal already in progress). Every other
+  failure is a retryable AdapterError naming what was asked.
+- `require_ours(labels, what, workspace_id)` raises PermanentError unless the labels say
+  CodeHub manages the object (and, with `workspace_id`, that it belongs to that workspace).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
+from aiodocker.networks import DockerNetwork
+from aiodocker.volumes import DockerVolume
 
+from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID
 from ..interfaces import AdapterError, PermanentError
 from ..model import WORKSPACE_ID
 
+T = TypeVar("T")
 TRANSPORT_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, TimeoutError)
 LOG_LINES = 20
 
@@ -63,3 +79,82 @@ def check_workspace_id(workspace_id: str) -> None:
     """Refuse an id outside model.WORKSPACE_ID before it becomes part of an engine name."""
     if not WORKSPACE_ID.fullmatch(workspace_id):
         raise PermanentError(f"invalid workspace id {workspace_id!r}")
+
+
+@contextlib.contextmanager
+def docker_errors(what: str) -> Iterator[None]:
+    """Engine and transport failures are worth retrying; say what we were doing."""
+    try:
+        yield
+    except TRANSPORT_ERRORS as exc:
+        raise docker_failure(what, exc) from exc
+
+
+
+async def _unless_gone(what: str, request: Awaitable[T], *, going_is_gone: bool = False
+                       ) -> T | None:
+    """The answer to `request`; None when Docker says there is no such object (404), or
+    (`going_is_gone`) that its removal is already in progress. Any other failure:
+    docker_failure(what)."""
+    with docker_errors(what):
+        try:
+            return await request
+        except aiodocker.DockerError as exc:
+            going = exc.status == 409 and "already in progress" in exc.message
+            if exc.status == 404 or (going_is_gone and going):
+                return None
+            raise
+
+
+async def inspect_container(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
+    """The container's inspect document; None when there is none of that name."""
+    found = await _unless_gone(f"inspecting container {name}", docker.containers.get(name))
+    return None if found is None else dict(found._container)
+
+
+async def inspect_volume(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
+    """The volume's inspect document; None when there is none of that name."""
+    volume = DockerVolume(docker, name)  # type: ignore[no-untyped-call]
+    info: dict[str, Any] | None = await _unless_gone(
+        f"inspecting volume {name}", volume.show())  # type: ignore[no-untyped-call]
+    return info
+
+
+async def inspect_network(docker: aiodocker.Docker, name: str) -> dict[str, Any] | None:
+    """The network's inspect document; None when there is none of that name (or id)."""
+    network = DockerNetwork(docker, name)  # type: ignore[no-untyped-call]
+    info: dict[str, Any] | None = await _unless_gone(f"inspecting network {name}",
+                                                     network.show())
+    return info
+
+
+async def remove_container(docker: aiodocker.Docker, name: str) -> None:
+    """Force-remove a container; one that is gone (or going) is fine."""
+    await _unless_gone(f"removing container {name}",
+                       docker.containers.container(name).delete(force=True),
+                       going_is_gone=True)
+
+
+async def delete_volume(docker: aiodocker.Docker, name: str) -> None:
+    """Delete a volume; one that is gone is fine. 409: still in use by a container."""
+    volume = DockerVolume(docker, name)  # type: ignore[no-untyped-call]
+    await _unless_gone(f"deleting volume {name}",
+                       volume.delete())  # type: ignore[no-untyped-call]
+
+
+async def delete_network(docker: aiodocker.Docker, name: str) -> None:
+    """Delete a network; one that is gone is fine."""
+    network = DockerNetwork(docker, name)  # type: ignore[no-untyped-call]
+    await _unless_gone(f"deleting network {name}", network.delete())
+
+
+def require_ours(labels: Mapping[str, str] | None, what: str,
+                 workspace_id: str | None = None) -> None:
+    """PermanentError unless CodeHub manages `what` (of `workspace_id`, when given)."""
+    labels = labels or {}
+    if labels.get(LABEL_MANAGED_BY) != LABEL_MANAGED_BY_VALUE:
+        raise PermanentError(f"{what} exists and is not managed by CodeHub: refusing to "
+                             "touch it")
+    if workspace_id is not None and labels.get(LABEL_WORKSPACE_ID) != workspace_id:
+        raise PermanentError(f"{what} belongs to workspace "
+                             f"{labels.get(LABEL_WORKSPACE_ID)!r}, not {workspace_id!r}")

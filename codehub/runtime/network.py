@@ -31,7 +31,13 @@ import aiodocker
 
 from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE
 from ..interfaces import AdapterError, PermanentError
-from .engine import TRANSPORT_ERRORS, docker_failure
+from .engine import (
+    TRANSPORT_ERRORS,
+    delete_network,
+    docker_failure,
+    inspect_container,
+    inspect_network,
+)
 from .firewall import Firewall, NetworkPolicy
 
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
@@ -95,15 +101,8 @@ class BridgeNetwork:
         its firewall)."""
         for attempt in (1, 2):
             await self.ensure()
-            try:
-                network = await self._docker.networks.get(self.name)
-                address = _bridge_gateway(await network.show())
-            except aiodocker.DockerError as exc:
-                if exc.status != 404:
-                    raise docker_failure(f"inspecting network {self.name}", exc) from exc
-                address = ""
-            except TRANSPORT_ERRORS as exc:
-                raise docker_failure(f"inspecting network {self.name}", exc) from exc
+            info = await inspect_network(self._docker, self.name)
+            address = "" if info is None else _bridge_gateway(info)
             if address:
                 return address
             if attempt == 1:
@@ -112,14 +111,10 @@ class BridgeNetwork:
 
     async def _require_host_network(self) -> None:
         assert self._gateway_container is not None
-        try:
-            info = await self._docker.containers.get(self._gateway_container)
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                raise PermanentError(
-                    f"docker.gateway_container {self._gateway_container!r} does not "
-                    "exist") from exc
-            raise
+        info = await inspect_container(self._docker, self._gateway_container)
+        if info is None:
+            raise PermanentError(
+                f"docker.gateway_container {self._gateway_container!r} does not exist")
         mode = (info["HostConfig"] or {}).get("NetworkMode")
         if mode != "host":
             raise PermanentError(
@@ -134,13 +129,8 @@ class BridgeNetwork:
 
     async def _create_or_adopt(self) -> dict[str, Any]:
         for _ in range(3):
-            try:
-                network = await self._docker.networks.get(self.name)
-                info: dict[str, Any] = await network.show()
-            except aiodocker.DockerError as exc:
-                if exc.status != 404:
-                    raise
-            else:
+            info = await inspect_network(self._docker, self.name)
+            if info is not None:
                 if self._wanted(info):
                     return info
                 if info.get("Containers"):
@@ -151,11 +141,7 @@ class BridgeNetwork:
                         f"containers attached; remove them (or the network) so CodeHub can "
                         f"make it again with egress {self._egress!r} and no traffic between "
                         f"containers")
-                try:
-                    await network.delete()
-                except aiodocker.DockerError as exc:
-                    if exc.status != 404:
-                        raise
+                await delete_network(self._docker, str(info["Id"]))
             try:
                 await self._docker.networks.create({
                     "Name": self.name, "Driver": "bridge", "Internal": self.internal,

@@ -37,7 +37,7 @@ import aiodocker
 
 from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_ROLE
 from ..interfaces import AdapterError, PermanentError
-from ..runtime.engine import TRANSPORT_ERRORS, docker_failure, ensure_image
+from ..runtime.engine import TRANSPORT_ERRORS, docker_failure, ensure_image, remove_container
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 _PATH = re.compile(r"^/[A-Za-z0-9_./-]+$")
@@ -164,11 +164,7 @@ class HomeDisks:
         async with self._lock:  # one helper at a time (they are named after the volume)
             try:
                 await ensure_image(self._docker, self._helper_image)
-                try:
-                    await self._docker.containers.container(name).delete(force=True)
-                except aiodocker.DockerError as exc:
-                    if exc.status != 404:
-                        raise
+                await remove_container(self._docker, name)
                 container = await self._docker.containers.create(config, name=name)
                 try:
                     await container.start()
