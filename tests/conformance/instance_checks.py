@@ -76,6 +76,17 @@ async def check_start_replaces_an_instance_that_died_behind_its_back(kit: Instan
     assert await kit.instance_token(W1) == new
 
 
+async def check_start_replaces_a_running_instance_on_another_volume(kit: InstanceKit) -> None:
+    first_volume, other_volume = await kit.make_volume(W1), await kit.make_volume(W2)
+    await kit.controller.start(W1, kit.image, first_volume)
+    old = await kit.instance_token(W1)
+    await kit.controller.start(W1, kit.image, other_volume)  # e.g. after a restore
+    new = await kit.instance_token(W1)
+    assert new is not None and new != old, "start kept an instance on the old volume"
+    assert await _state(kit, W1) is InstanceState.RUNNING
+    assert await _ids(kit) == [W1]
+
+
 async def check_start_refuses_a_volume_that_does_not_exist(kit: InstanceKit) -> None:
     volume = await kit.make_volume(W1)
     missing = volume + "-missing"

@@ -147,6 +147,14 @@ async def check_archive_of_a_missing_volume_is_permanent(kit: StorageKit) -> Non
     assert await kit.objects.head(archive_key(W1)) is None
 
 
+async def check_archive_refuses_the_volume_of_another_workspace(kit: StorageKit) -> None:
+    key = await _home(kit, W1, FILES)
+    with pytest.raises(PermanentError):
+        await kit.storage().archive(W2, key)
+    assert await kit.objects.head(archive_key(W2)) is None
+    assert await kit.read(key) == digests(FILES)
+
+
 async def check_a_failed_archive_keeps_the_volume_and_stores_nothing_that_verifies(
         kit: StorageKit) -> None:
     key = await _home(kit, W1, big_files())

@@ -14,6 +14,7 @@ import storage_checks
 from conformance_kits import MemoryInstanceKit, MemoryObjectKit, MemoryStorageKit
 
 from codehub.backends.memory import (
+    MemoryInstance,
     MemoryInstanceController,
     MemoryObjectStore,
     MemoryStorageProvider,
@@ -21,6 +22,7 @@ from codehub.backends.memory import (
 )
 from codehub.constants import ARCHIVE_FORMAT
 from codehub.interfaces import AdapterError, ArchiveInfo, ObjectMeta, ProgressCallback
+from codehub.model import InstanceState
 
 FAILED = (AssertionError, pytest.fail.Exception)
 
@@ -39,6 +41,14 @@ class StartAlwaysReplaces(MemoryInstanceController):
     async def start(self, workspace_id: str, image_ref: str, volume_name: str) -> None:
         self.instances.pop(workspace_id, None)
         await super().start(workspace_id, image_ref, volume_name)
+
+
+class StartIgnoresTheVolume(MemoryInstanceController):
+    """Reuses a running instance whatever volume it was asked for."""
+
+    @staticmethod
+    def _reusable(current: MemoryInstance | None, image_ref: str, volume_name: str) -> bool:
+        return current is not None and current.state is InstanceState.RUNNING
 
 
 class StartMakesMissingVolumes(MemoryInstanceController):
@@ -77,6 +87,13 @@ class ArchiveDeletesTheVolume(MemoryStorageProvider):
         info = await super().archive(workspace_id, home_store_key, progress)
         self.volumes.pop(home_store_key, None)  # before the caller committed the archive
         return info
+
+
+class OwnershipOfVolumesIgnored(MemoryStorageProvider):
+    """Checks a volume's managed-by label but not whose workspace it is."""
+
+    def _require_ours(self, name: str, workspace_id: str | None) -> MemoryVolume | None:
+        return super()._require_ours(name, None)
 
 
 class ArchiveDeletesTheVolumeWhenItFails(MemoryStorageProvider):
@@ -130,6 +147,8 @@ CASES = [
                  MemoryInstanceKit, StopNotIdempotent, id="stop-not-idempotent"),
     pytest.param(instance_checks.check_start_is_idempotent_and_reuses_the_running_instance,
                  MemoryInstanceKit, StartAlwaysReplaces, id="start-always-replaces"),
+    pytest.param(instance_checks.check_start_replaces_a_running_instance_on_another_volume,
+                 MemoryInstanceKit, StartIgnoresTheVolume, id="start-ignores-the-volume"),
     pytest.param(instance_checks.check_start_refuses_a_volume_that_does_not_exist,
                  MemoryInstanceKit, StartMakesMissingVolumes, id="start-makes-missing-volumes"),
     pytest.param(storage_checks.
@@ -140,6 +159,8 @@ CASES = [
                  MemoryStorageKit, RestoreTrustsTheMeta, id="restore-trusts-the-meta"),
     pytest.param(storage_checks.check_archive_deletes_nothing_and_returns_what_the_store_verified,
                  MemoryStorageKit, ArchiveDeletesTheVolume, id="archive-deletes-the-volume"),
+    pytest.param(storage_checks.check_archive_refuses_the_volume_of_another_workspace,
+                 MemoryStorageKit, OwnershipOfVolumesIgnored, id="ownership-ignored"),
     pytest.param(storage_checks.
                  check_a_failed_archive_keeps_the_volume_and_stores_nothing_that_verifies,
                  MemoryStorageKit, ArchiveDeletesTheVolumeWhenItFails,

@@ -35,7 +35,8 @@ from ...interfaces import (
     PermanentError,
     UpstreamInfo,
 )
-from ...model import WORKSPACE_ID, InstanceState
+from ...model import InstanceState
+from ..rules import check_workspace_id
 from .storage import MemoryStorageProvider
 
 LOOPBACK = UpstreamInfo("127.0.0.1", 8080)
@@ -73,8 +74,7 @@ class MemoryInstanceController(InstanceController):
         return None
 
     def container_name(self, workspace_id: str) -> str:
-        if not WORKSPACE_ID.fullmatch(workspace_id):
-            raise PermanentError(f"invalid workspace id {workspace_id!r}")
+        check_workspace_id(workspace_id)
         return f"{self._prefix}{workspace_id}"
 
     async def start(self, workspace_id: str, image_ref: str, volume_name: str) -> None:

@@ -9,8 +9,8 @@ Guarantees (those of codehub.storage.objects, kept in memory):
   object: None.
 - `get_stream()` of a missing key raises PermanentError; it yields `chunk_size` pieces.
 - `delete()` drops the meta first, then the object; a missing one is a no-op.
-- A key that is empty, absolute, has a `..` part, ends with `/` or `.meta`, or holds a NUL
-  is refused with PermanentError by every call that takes one.
+- A key that codehub.backends.rules refuses is refused (PermanentError) by every call
+  that takes one.
 - Every call yields to the event loop at least once, as a real store's would.
 """
 
@@ -20,20 +20,12 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
 
-from ...constants import ARCHIVE_FORMAT, META_SUFFIX
+from ...constants import ARCHIVE_FORMAT
 from ...interfaces import IntegrityError, ObjectMeta, ObjectStore, PermanentError
+from ..rules import check_object_key
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
-
-
-def check_key(key: str) -> None:
-    """PermanentError for a key no store may hold (the rule of every ObjectStore)."""
-    path = PurePosixPath(key)
-    if (not key or path.is_absolute() or ".." in path.parts or key.endswith("/")
-            or "\x00" in key or key.endswith(META_SUFFIX)):
-        raise PermanentError(f"invalid object key {key!r}")
 
 
 class MemoryObjectStore(ObjectStore):
@@ -53,7 +45,7 @@ class MemoryObjectStore(ObjectStore):
     async def put_stream(
         self, key: str, chunks: AsyncIterator[bytes], *, fmt: str = ARCHIVE_FORMAT
     ) -> ObjectMeta:
-        check_key(key)
+        check_object_key(key)
         self.metas.pop(key, None)
         await asyncio.sleep(0)
         digest = hashlib.sha256()
@@ -71,7 +63,7 @@ class MemoryObjectStore(ObjectStore):
         return meta
 
     async def head(self, key: str) -> ObjectMeta | None:
-        check_key(key)
+        check_object_key(key)
         await asyncio.sleep(0)
         meta = self.metas.get(key)
         data = self.objects.get(key)
@@ -83,7 +75,7 @@ class MemoryObjectStore(ObjectStore):
         return meta
 
     async def get_stream(self, key: str) -> AsyncIterator[bytes]:
-        check_key(key)
+        check_object_key(key)
         await asyncio.sleep(0)
         data = self.objects.get(key)
         if data is None:
@@ -93,7 +85,7 @@ class MemoryObjectStore(ObjectStore):
             await asyncio.sleep(0)
 
     async def delete(self, key: str) -> None:
-        check_key(key)
+        check_object_key(key)
         self.metas.pop(key, None)
         await asyncio.sleep(0)
         self.objects.pop(key, None)

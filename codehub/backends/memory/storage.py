@@ -13,11 +13,11 @@ Guarantees (those of codehub.storage.volumes that a caller can see):
   once every byte was read and its size and sha256 matched the archive's meta; on a
   mismatch (IntegrityError), an unreadable archive (IntegrityError), files adding up to
   more than the size limit (HomeTooLarge, a PermanentError) or any other failure or
-  cancellation the new volume is removed; the archive is never touched. A missing
-  archive or a malformed sha256 is a PermanentError; a meta that names another sha256 an
-  IntegrityError, before any volume is made. A re-run removes a half-made volume of that
-  name first. The tar is filtered as the Docker backend filters it
-  (codehub.storage.tarfilter): only regular files below `coder/` are kept as files.
+  cancellation the new volume is removed; the archive is never touched. Before any
+  volume is made it refuses what codehub.backends.rules.restorable refuses. A re-run
+  removes a half-made volume of that name first. The tar is filtered as the Docker
+  backend filters it (codehub.storage.tarfilter); the regular files below `coder/` are
+  the home.
 - `purge()` removes what it is given and ignores what is already gone.
 - Progress: archive reports "reading" per chunk then ("verifying", size, size); restore
   ("downloading", read, size) per chunk then ("extracting", size, size). A callback may be
@@ -32,7 +32,6 @@ import asyncio
 import hashlib
 import inspect
 import io
-import re
 import tarfile
 import zlib
 from collections.abc import AsyncIterator
@@ -56,13 +55,13 @@ from ...interfaces import (
     ProgressCallback,
     StorageProvider,
 )
-from ...model import WORKSPACE_ID, VolumeState
+from ...model import VolumeState
 from ...storage.tarfilter import TarFilter
+from ..rules import check_workspace_id, restorable
 
 TOP = "coder"
 ROLE_HOME = "home"
 LABEL_RESTORED_FROM = "codehub.restored-from-sha256"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_CHUNK_SIZE = 64 * 1024
 
 
@@ -87,11 +86,6 @@ async def _report(callback: ProgressCallback | None, phase: str, done: int,
         result = callback(Progress(phase, done, total))
         if inspect.isawaitable(result):
             await result
-
-
-def _check_id(workspace_id: str) -> None:
-    if not WORKSPACE_ID.fullmatch(workspace_id):
-        raise PermanentError(f"invalid workspace id {workspace_id!r}")
 
 
 def gzip_tar(files: dict[str, bytes], uid: int = 1000, gid: int = 1000) -> bytes:
@@ -151,7 +145,7 @@ class MemoryStorageProvider(StorageProvider):
         return None
 
     def volume_name(self, workspace_id: str) -> str:
-        _check_id(workspace_id)
+        check_workspace_id(workspace_id)
         return f"{self._prefix}{workspace_id}"
 
     def restored_volume_name(self, workspace_id: str, sha256: str) -> str:
@@ -183,7 +177,7 @@ class MemoryStorageProvider(StorageProvider):
 
     async def archive(self, workspace_id: str, home_store_key: str,
                       progress: ProgressCallback | None = None) -> ArchiveInfo:
-        _check_id(workspace_id)
+        check_workspace_id(workspace_id)
         key = archive_key(workspace_id)
         await asyncio.sleep(0)
         volume = self._require_ours(home_store_key, workspace_id)
@@ -213,18 +207,8 @@ class MemoryStorageProvider(StorageProvider):
     async def restore(self, workspace_id: str, archive_key: str, expected_sha256: str,
                       progress: ProgressCallback | None = None,
                       size_limit: int | None = None) -> str:
-        _check_id(workspace_id)
-        expected = expected_sha256.lower()
-        if not _SHA256.match(expected):
-            raise PermanentError(f"invalid sha256 {expected_sha256!r}")
-        meta = await self.objects.head(archive_key)
-        if meta is None:
-            raise PermanentError(f"archive {archive_key} of {workspace_id} does not exist")
-        if meta.format != ARCHIVE_FORMAT:
-            raise PermanentError(f"archive {archive_key} has unknown format {meta.format!r}")
-        if meta.sha256 != expected:
-            raise IntegrityError(f"archive {archive_key}: stored meta says sha256 "
-                                 f"{meta.sha256}, expected {expected}")
+        meta = await restorable(self.objects, workspace_id, archive_key, expected_sha256)
+        expected = meta.sha256
         name = self.restored_volume_name(workspace_id, expected)
         self._discard(name, workspace_id)
         limit = size_limit or self._size_limit
