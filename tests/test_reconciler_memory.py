@@ -24,6 +24,7 @@ from codehub.backends.memory import (
 )
 from codehub.clock import FakeClock
 from codehub.hints import InProcessHintBus
+from codehub.interfaces import AdapterError, ObjectMeta
 from codehub.model import DesiredState, InstanceState, Operation, Status
 from codehub.reconciler.controller import Schedule
 from codehub.reconciler.reconciler import Policy
@@ -89,11 +90,11 @@ async def test_workspace_lives_through_every_tier_and_keeps_its_home_in_memory(
     storage.write_files(ws.home_store_key, HOME)
 
     # idle past warm_ttl: stepped down to WARM, the container gone
-    ws = await stack.wait_status("alpha", Status.WARM, step=lambda: stack.clock.advance(10))
+    ws = await stack.wait_status("alpha", Status.WARM, step=lambda: stack.clock.advance(60))
     assert (await stack.instances.get_status("alpha")).state is InstanceState.MISSING
 
     # idle past cold_ttl: archived, the volume deleted only after the archive committed
-    ws = await stack.wait_status("alpha", Status.COLD, step=lambda: stack.clock.advance(30))
+    ws = await stack.wait_status("alpha", Status.COLD, step=lambda: stack.clock.advance(120))
     assert ws.archive_key == "alpha/home.tar.gz" and ws.archive_sha256 and ws.archive_size
     assert ws.home_store_key is None
     assert leftovers(stack) == {"containers": [], "volumes": [],
@@ -152,3 +153,70 @@ async def test_orphans_labelled_as_ours_are_removed_on_election_in_memory(
     removed = await stack.controller().remove_orphans()
     assert sorted(removed) == sorted(["codehub-ws-orphan", key])
     assert leftovers(stack) == {"containers": [], "volumes": [], "archives": []}
+
+
+class FailingPuts(MemoryObjectStore):
+    """Fault injection: the first `failures` uploads fail midway."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], *,
+                         fmt: str = "tar+gzip") -> ObjectMeta:
+        if self.failures > 0:
+            self.failures -= 1
+            async for _ in chunks:
+                raise AdapterError("injected: the store went away mid-upload")
+        return await super().put_stream(key, chunks, fmt=fmt)
+
+
+async def test_a_failed_archive_keeps_the_volume_and_is_retried_in_memory(
+        memory_stack: Stack) -> None:
+    stack = memory_stack
+    _, storage, _ = parts(stack)
+    flaky = FailingPuts(failures=2)
+    storage.objects = stack.objects = flaky
+    stack.run_controller()
+    await stack.create("delta", desired_state=DesiredState.WARM)
+    ws = await stack.wait_status("delta", Status.WARM)
+    assert ws.home_store_key is not None
+    storage.write_files(ws.home_store_key, HOME)
+    await stack.want("delta", DesiredState.COLD)
+    async with asyncio.timeout(30):
+        while not ((row := await stack.store.get("delta")) and row.error_count):
+            await asyncio.sleep(0.02)
+    assert row.status is Status.WARM and row.operation is Operation.ARCHIVING
+    assert "injected" in (row.error_message or "")
+    assert digests(storage.volumes[ws.home_store_key].files) == digests(HOME)
+    assert await flaky.head("delta/home.tar.gz") is None
+    ws = await stack.wait_status("delta", Status.COLD, step=lambda: stack.clock.advance(1))
+    assert flaky.failures == 0 and ws.home_store_key is None and ws.archive_sha256
+    restored = await storage.restore("delta", "delta/home.tar.gz", ws.archive_sha256)
+    assert digests(storage.volumes[restored].files) == digests(HOME)
+
+
+async def test_a_restore_that_does_not_verify_is_an_error_that_keeps_the_archive_in_memory(
+        memory_stack: Stack) -> None:
+    stack = memory_stack
+    _, storage, objects = parts(stack)
+    stack.run_controller()
+    await stack.create("eps", desired_state=DesiredState.WARM)
+    ws = await stack.wait_status("eps", Status.WARM)
+    assert ws.home_store_key is not None
+    storage.write_files(ws.home_store_key, HOME)
+    await stack.want("eps", DesiredState.COLD)
+    ws = await stack.wait_status("eps", Status.COLD)
+    key = "eps/home.tar.gz"
+    damaged = bytearray(objects.objects[key])
+    damaged[len(damaged) // 2] ^= 0xFF  # same size: only the checksum can tell
+    objects.objects[key] = bytes(damaged)
+    await stack.want("eps", DesiredState.WARM)
+    async with asyncio.timeout(30):  # an IntegrityError is permanent: ERROR at once
+        while not ((row := await stack.store.get("eps")) and row.status is Status.ERROR):
+            await asyncio.sleep(0.02)
+    assert row.error_message and "does not verify" in row.error_message
+    assert row.error_from_status is Status.COLD and row.archive_key == key
+    assert row.operation is Operation.RESTORING  # resumed when an admin retries
+    assert objects.objects[key] == bytes(damaged) and await objects.head(key) is not None
+    assert leftovers(stack)["volumes"] == []  # the half-made volume was removed
