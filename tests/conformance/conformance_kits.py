@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from codehub.backends.memory import (
     MemoryStorageProvider,
     MemoryVolume,
 )
+from codehub.backends.memory.storage import home_tar
 from codehub.interfaces import InstanceController, ObjectStore, StorageProvider
 from codehub.runtime.docker import DockerInstanceController
 from codehub.storage.objects import LocalObjectStore, S3ObjectStore
@@ -153,23 +153,6 @@ class StorageKit(ABC):
         return f"{self.prefix}{workspace_id}"
 
     prefix: str
-
-
-def home_tar(files: Files) -> bytes:
-    """A tar whose top entry is `coder/` (the volume root), owned by the home's user."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        names = {"coder"} | {"coder/" + "/".join(p.split("/")[:i]) for p in files
-                             for i in range(1, p.count("/") + 1)}
-        for name in sorted(names):
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o755, 1000, 1000
-            tf.addfile(info)
-        for path, data in sorted(files.items()):
-            info = tarfile.TarInfo(f"coder/{path}")
-            info.size, info.mode, info.uid, info.gid = len(data), 0o644, 1000, 1000
-            tf.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 class DockerStorageKit(StorageKit):

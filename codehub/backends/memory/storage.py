@@ -88,8 +88,9 @@ async def _report(callback: ProgressCallback | None, phase: str, done: int,
             await result
 
 
-def gzip_tar(files: dict[str, bytes], uid: int = 1000, gid: int = 1000) -> bytes:
-    """The "tar+gzip" archive of a home holding `files` (its format: module docstring)."""
+def home_tar(files: dict[str, bytes], uid: int = 1000, gid: int = 1000) -> bytes:
+    """The plain tar of a home holding `files`: the top entry `coder/` is the volume root,
+    then every directory the files need, then the files, all owned by `uid:gid`."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
         dirs = {TOP} | {f"{TOP}/{'/'.join(p.split('/')[:i])}" for p in files
@@ -102,8 +103,13 @@ def gzip_tar(files: dict[str, bytes], uid: int = 1000, gid: int = 1000) -> bytes
             entry = tarfile.TarInfo(f"{TOP}/{path}")
             entry.size, entry.mode, entry.uid, entry.gid = len(data), 0o644, uid, gid
             tf.addfile(entry, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def gzip_tar(files: dict[str, bytes], uid: int = 1000, gid: int = 1000) -> bytes:
+    """The "tar+gzip" archive of a home holding `files` (one gzip member of `home_tar`)."""
     comp = zlib.compressobj(1, zlib.DEFLATED, 31)
-    return comp.compress(raw.getvalue()) + comp.flush()
+    return comp.compress(home_tar(files, uid, gid)) + comp.flush()
 
 
 def _files_of(archive: bytes, what: str, owner: tuple[int, int], limit: int | None
