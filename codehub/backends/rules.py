@@ -1,0 +1,57 @@
+"""The checks every backend makes before it acts, worded once for all of them.
+
+Guarantees:
+- `check_workspace_id()` raises PermanentError for an id outside model.WORKSPACE_ID,
+  before it becomes part of any name.
+- `check_object_key()` raises PermanentError for a key no ObjectStore may hold: empty,
+  absolute, with a `..` part, ending with `/` or `.meta`, or holding a NUL.
+- `restorable()` returns the stored meta of an archive a restore may read, and raises
+  before anything is made: PermanentError for a malformed sha256, a missing archive or
+  an unknown format; IntegrityError when the meta names another sha256 than expected.
+
+The in-memory backends use these; the Docker and S3 adapters still hold their own copies
+(codehub/runtime/engine.py, codehub/storage/objects.py and volumes.py), to be replaced by
+these once they move into a backend package (issue #15).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+from ..constants import ARCHIVE_FORMAT, META_SUFFIX
+from ..interfaces import IntegrityError, ObjectMeta, ObjectStore, PermanentError
+from ..model import WORKSPACE_ID
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_workspace_id(workspace_id: str) -> None:
+    if not WORKSPACE_ID.fullmatch(workspace_id):
+        raise PermanentError(f"invalid workspace id {workspace_id!r}")
+
+
+def check_object_key(key: str) -> None:
+    path = PurePosixPath(key)
+    if (not key or path.is_absolute() or ".." in path.parts or key.endswith("/")
+            or "\x00" in key or key.endswith(META_SUFFIX)):
+        raise PermanentError(f"invalid object key {key!r}")
+
+
+async def restorable(objects: ObjectStore, workspace_id: str, archive_key: str,
+                     expected_sha256: str) -> ObjectMeta:
+    """The meta of the archive, once it may be restored (see the module's guarantees); its
+    sha256 is the expected one, lower case."""
+    check_workspace_id(workspace_id)
+    expected = expected_sha256.lower()
+    if not SHA256.match(expected):
+        raise PermanentError(f"invalid sha256 {expected_sha256!r}")
+    meta = await objects.head(archive_key)
+    if meta is None:
+        raise PermanentError(f"archive {archive_key} of {workspace_id} does not exist")
+    if meta.format != ARCHIVE_FORMAT:
+        raise PermanentError(f"archive {archive_key} has unknown format {meta.format!r}")
+    if meta.sha256 != expected:
+        raise IntegrityError(f"archive {archive_key}: stored meta says sha256 "
+                             f"{meta.sha256}, expected {expected}")
+    return meta
