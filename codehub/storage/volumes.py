@@ -55,11 +55,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from typing import Any
 
 import aiodocker
 
+from ..backends import rules
 from ..constants import (
     ARCHIVE_FORMAT,
     LABEL_MANAGED_BY,
@@ -100,7 +100,6 @@ from .transport import RestoreJob, RestoreTransport
 ROLE_HOME = "home"
 LABEL_RESTORED_FROM = "codehub.restored-from-sha256"
 LABEL_HOME_DISK = "codehub.home-disk"  # a size-limited home (codehub.storage.disks)
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class DockerVolumeStorage(StorageProvider):
@@ -256,19 +255,10 @@ class DockerVolumeStorage(StorageProvider):
         return volume
 
     async def _expected(self, workspace_id: str, key: str, sha256: str) -> Expected:
-        """What the archive must be, once its stored meta agrees with the caller's sha256."""
-        expected = sha256.lower()
-        if not _SHA256.match(expected):
-            raise PermanentError(f"invalid sha256 {sha256!r}")
-        meta = await self._objects.head(key)
-        if meta is None:
-            raise PermanentError(f"archive {key} of {workspace_id} does not exist")
-        if meta.format != ARCHIVE_FORMAT:
-            raise PermanentError(f"archive {key} has unknown format {meta.format!r}")
-        if meta.sha256 != expected:
-            raise IntegrityError(f"archive {key}: stored meta says sha256 "
-                                 f"{meta.sha256}, expected {expected}")
-        return Expected(key, meta.size, expected)
+        """What the archive must be, once its stored meta agrees with the caller's sha256
+        (backends/rules.py: the same preconditions every StorageProvider checks)."""
+        meta = await rules.restorable(self._objects, workspace_id, key, sha256)
+        return Expected(key, meta.size, sha256.lower())
 
     async def purge(self, home_store_key: str | None, archive_key: str | None) -> None:
         if home_store_key is not None:
