@@ -1,4 +1,5 @@
-"""The gateway's own pages: loading (auto-wake), COLD, and errors (401/403/404/502/503).
+"""The gateway's own pages: loading (auto-wake), COLD, errors (401/403/404/502/503), and
+the self-service page (selfservice.py).
 
 Guarantees:
 - Every page is one self-contained HTML response: the stylesheet and script from
@@ -25,7 +26,7 @@ from aiohttp import web
 from ..model import Workspace
 
 PACKAGE_STATIC = Path(__file__).resolve().parents[1] / "static"
-TEMPLATES = ("loading.html", "cold.html", "error.html")
+TEMPLATES = ("loading.html", "cold.html", "error.html", "portal.html")
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
 NO_STORE = "no-store"
 
@@ -64,12 +65,14 @@ class Pages:
     def __init__(self, directory: Path) -> None:
         css = (directory / "codehub.css").read_text(encoding="utf-8")
         js = (directory / "codehub.js").read_text(encoding="utf-8")
+        portal_js = (directory / "portal.js").read_text(encoding="utf-8")
         self._templates: dict[str, str] = {}
         for name in TEMPLATES:
             text = (directory / name).read_text(encoding="utf-8")
             # Inlined once here; a stylesheet or script can hold no "{{" of its own.
             self._templates[name] = (text.replace("{{css}}", css.replace("{{", "{ {"))
-                                     .replace("{{js}}", js.replace("{{", "{ {")))
+                                     .replace("{{js}}", js.replace("{{", "{ {"))
+                                     .replace("{{portal_js}}", portal_js.replace("{{", "{ {")))
 
     def _render(self, name: str, values: dict[str, str], raw: dict[str, str] | None = None,
                 ) -> str:
@@ -116,6 +119,10 @@ class Pages:
             "operation": operation,
         }, {"refresh": refresh})
         return self._response(502, body)
+
+    def portal(self) -> web.Response:
+        """The self-service page (selfservice.py); it fetches its data itself."""
+        return self._response(200, self._render("portal.html", {}))
 
     def error(self, status: int, title: str, message: str, *, workspace_id: str = "",
               detail: str = "", retry_after: int | None = None) -> web.Response:
