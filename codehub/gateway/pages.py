@@ -61,14 +61,23 @@ def wants_html(request: web.Request) -> bool:
     return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
 
 
+def _own_or_ours(directory: Path, name: str) -> str:
+    """A page of gateway.static_dir; the self-service page's files fall back to the
+    package's (a static_dir made before that page existed still works)."""
+    path = directory / name
+    if not path.exists() and name.startswith("portal."):
+        path = PACKAGE_STATIC / name
+    return path.read_text(encoding="utf-8")
+
+
 class Pages:
     def __init__(self, directory: Path) -> None:
         css = (directory / "codehub.css").read_text(encoding="utf-8")
         js = (directory / "codehub.js").read_text(encoding="utf-8")
-        portal_js = (directory / "portal.js").read_text(encoding="utf-8")
+        portal_js = _own_or_ours(directory, "portal.js")
         self._templates: dict[str, str] = {}
         for name in TEMPLATES:
-            text = (directory / name).read_text(encoding="utf-8")
+            text = _own_or_ours(directory, name)
             # Inlined once here; a stylesheet or script can hold no "{{" of its own.
             self._templates[name] = (text.replace("{{css}}", css.replace("{{", "{ {"))
                                      .replace("{{js}}", js.replace("{{", "{ {"))

@@ -10,7 +10,10 @@
   var OPS = { STARTING: "Starting", STOPPING: "Stopping", ARCHIVING: "Archiving", RESTORING: "Restoring",
               PROVISIONING: "Preparing", DELETING: "Deleting" };
 
-  function mib(n) { return (n / 1048576).toFixed(1) + " MiB"; }
+  function mib(n) {
+    if (n < 1048576) { return Math.max(1, Math.round(n / 1024)) + " KiB"; }
+    return (n / 1048576).toFixed(1) + " MiB";
+  }
   function duration(s) {
     if (s % 86400 === 0) { return (s / 86400) + " d"; }
     if (s % 3600 === 0) { return (s / 3600) + " h"; }
@@ -116,7 +119,9 @@
     ttl.appendChild(node("span", "", "stop after " + duration(w.warm_ttl_seconds)));
     ttl.appendChild(node("span", "sub", "archive after " + duration(w.cold_ttl_seconds)));
     tr.appendChild(ttl);
-    tr.appendChild(node("td", "", w.archive ? mib(w.archive.size || 0) : "–"));
+    var arch = node("td", "", w.archive ? mib(w.archive.size || 0) : "none");
+    if (w.archive && w.archive.created_at) { arch.appendChild(node("span", "sub", "made " + when(w.archive.created_at))); }
+    tr.appendChild(arch);
     tr.appendChild(actions(w));
     return tr;
   }
@@ -130,7 +135,7 @@
     el("title").textContent = state.all ? "All workspaces" : "Your workspaces";
     var n = d.items.length;
     el("summary").textContent = n + " workspace" + (n === 1 ? "" : "s") +
-      (d.max_workspaces ? " of at most " + d.max_workspaces + " you may create" : "");
+      (d.can_create && d.max_workspaces && !state.all ? " · you may own up to " + d.max_workspaces : "");
     while (rows.firstChild) { rows.removeChild(rows.firstChild); }
     d.items.forEach(function (w) { rows.appendChild(row(w)); follow(w); });
     el("empty").hidden = n !== 0;
