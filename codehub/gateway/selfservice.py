@@ -16,13 +16,15 @@ Guarantees:
   before anything is written.
 - open (wakes a WARM one), stop (WARM), archive (COLD) and restore (WARM, or RUNNING with
   `{"start": true}`) are checked by model.py's rules and written by desire.py, exactly as
-  the admin API writes them, hint included. create and delete exist only when
-  auth.oidc.self_service_create / self_service_delete say so (else 403 `not_allowed`);
+  the admin API writes them, hint included. create and delete are open to people only
+  when auth.oidc.self_service_create / self_service_delete say so (else 403
+  `not_allowed`; admins always may);
   create keeps a person within auth.oidc.max_workspaces_per_owner (409 `owner_limit`,
   Store.create_within); admins are not limited and may name another owner.
 - Every POST of a signed-in person, refused or not, is one audit_log row once answered:
   actor `person:<name>`, action `self.<verb>`, the workspace, the status answered, the
-  request id (X-Request-Id, answered back) and detail {admin, body}.
+  request id (X-Request-Id, answered back) and detail {admin, the body}; a body holds only
+  the fields its verb takes (create: owner; restore: start), anything else is 400.
 - `GET .../workspaces/{id}/events` is the loading page's own event stream (events.py:
   the same watchers, the same limits) for a workspace the person may see.
 """
@@ -103,7 +105,11 @@ def _same_origin(request: web.Request) -> None:
                      "request from " + public + ").")
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+# What each POST's body may hold (anything else is 400; what is left is audited as is).
+_FIELDS = {"create": frozenset({"owner"}), "restore": frozenset({"start"})}
+
+
+async def _body(request: web.Request, verb: str) -> dict[str, Any]:
     raw = await request.content.read(_MAX_BODY + 1)
     if len(raw) > _MAX_BODY:
         raise Refuse(413, "body_too_large", f"at most {_MAX_BODY} bytes")
@@ -113,6 +119,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise Refuse(400, "invalid_json", "the body is not JSON") from None
     if not isinstance(body, dict):
         raise Refuse(400, "invalid_request", "the body must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS.get(verb, frozenset()))
+    if unknown:
+        raise Refuse(400, "invalid_request", f"{verb} takes no {', '.join(unknown)[:100]}")
     return body
 
 
@@ -249,7 +258,7 @@ async def _act(request: web.Request, verb: str, workspace_id: str | None,
     try:
         act = Act(request, _session(request), verb, workspace_id)
         _same_origin(request)
-        act.body = await _body(request)
+        act.body = await _body(request, verb)
         if workspace_id is not None and not WORKSPACE_ID.fullmatch(workspace_id):
             raise Refuse(404, "not_found", "no such workspace")
         resp = await handler(act)

@@ -192,6 +192,8 @@ async def test_stop_archive_and_restore_write_desired_state_by_the_apis_rules_an
         assert status == 202 and body["workspace"]["desired_state"] == "WARM"
         status, body = await post(bob, signin, "/b1/restore", {"start": "yes"})
         assert status == 400
+        status, body = await post(bob, signin, "/b1/stop", {"desired_state": "RUNNING"})
+        assert status == 400 and "takes no desired_state" in body["error"]["message"]
     await hints.aclose()
 
 
