@@ -109,6 +109,12 @@ async def test_a_person_signs_in_lands_on_the_page_opens_wakes_and_stops_workspa
             assert status == 403
             assert (await stack.store.get("alices")).desired_state is DesiredState.RUNNING  # type: ignore[union-attr]
 
+            await bob.click("text=Sign out")  # the page's own form, then the provider's
+            await bob.click("#sign-out")
+            await bob.wait_for_url(main + "/_codehub/auth/signed-out")
+            await bob.goto(main + "/")
+            await bob.wait_for_selector("#login")  # signed out: the provider asks again
+
             alice = await _open_page(browser, stack, "alice")
             assert await alice.locator("#rows tr").count() == 1
             await alice.check("#show-all")

@@ -282,3 +282,15 @@ async def test_the_event_stream_is_the_loading_pages_for_the_owner(signin: Stack
         assert await r.content.readline() == b"event: state\r\n"
         data = (await r.content.readline()).decode()
         assert data.startswith("data: ") and '"status":"WARM"' in data
+
+
+async def test_without_oidc_there_is_no_page_and_no_calls(stack: Stack) -> None:
+    await stack.add("b1", owner=BOB)
+    async with client() as http:
+        for path in ("/", HOME, SELF, SELF + "/b1/events"):
+            async with http.get(stack.url(path), allow_redirects=False) as r:
+                assert r.status == 404, path
+        async with http.post(stack.url(SELF + "/b1/stop"), json={},
+                             headers=same_origin(stack)) as r:
+            assert r.status == 404
+    assert await desired(stack, "b1") is DesiredState.RUNNING
