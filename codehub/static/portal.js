@@ -5,7 +5,7 @@
   "use strict";
   var API = "self/workspaces";
   var el = function (id) { return document.getElementById(id); };
-  var state = { data: null, all: false, streams: {}, busy: {} };
+  var state = { data: null, all: false, streams: {}, busy: {}, reload: null };
   var LABELS = { RUNNING: "Running", WARM: "Stopped", COLD: "Archived", NEW: "New", ERROR: "Error", DELETED: "Deleted" };
   var OPS = { STARTING: "Starting", STOPPING: "Stopping", ARCHIVING: "Archiving", RESTORING: "Restoring",
               PROVISIONING: "Preparing", DELETING: "Deleting" };
@@ -175,6 +175,13 @@
         announce(w.id + " is now " + (LABELS[now.status] || now.status).toLowerCase());
         load();
       }
+    });
+    /* Refused (too many streams) or gone for good: read the list again in a while, which
+       follows whatever is still changing (a stream that merely ended reconnects itself). */
+    source.addEventListener("error", function () {
+      if (source.readyState !== EventSource.CLOSED) { return; }
+      delete state.streams[w.id];
+      if (!state.reload) { state.reload = setTimeout(function () { state.reload = null; load(); }, 3000); }
     });
   }
 
