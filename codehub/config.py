@@ -427,6 +427,14 @@ class OidcConfig:
         60, "Seconds of clock difference tolerated when checking exp and iat.", lo=0, hi=600)
     http_timeout: float = setting(10.0, "Seconds for each request to the provider.",
                                   lo=0.1, hi=300)
+    self_service_create: bool = setting(
+        False, "Signed-in people may create workspaces of their own on the self-service page "
+        "(at /), up to max_workspaces_per_owner; admins are not limited.")
+    self_service_delete: bool = setting(
+        False, "Signed-in people may delete their own workspaces on the self-service page.")
+    max_workspaces_per_owner: int = setting(
+        3, "Most workspaces (not being deleted) a person may own through self-service "
+        "creation. Admins and the admin API are not limited.", lo=1, hi=10000)
 
     @property
     def enabled(self) -> bool:

@@ -176,6 +176,63 @@ def is_converged(desired: DesiredState, status: Status, operation: Operation) ->
     return decide(desired, status, operation) is Step.NOTHING
 
 
+# The tiers a person or an admin may ask for, lowest first: asking for a higher one restarts
+# the idle time (a restored workspace is not swept straight back to COLD).
+TIER = {DesiredState.DELETED: 0, DesiredState.COLD: 1, DesiredState.WARM: 2,
+        DesiredState.RUNNING: 3}
+_UP = (DesiredState.RUNNING, DesiredState.WARM)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a wish cannot be written now: a stable code and a sentence for people."""
+
+    code: str
+    message: str
+
+
+def _deleting(ws: Workspace) -> Refusal | None:
+    if ws.desired_state is DesiredState.DELETED or ws.status is Status.DELETED:
+        return Refusal("deleting", f"workspace {ws.id} is being deleted")
+    return None
+
+
+def restore_needed(ws: Workspace) -> bool:
+    """COLD, or on its way there, and nobody asked for a restore yet."""
+    settled = ws.error_from_status if ws.status is Status.ERROR else ws.status
+    return ws.desired_state is DesiredState.COLD and (
+        settled is Status.COLD or ws.operation is Operation.ARCHIVING)
+
+
+def desire_refusal(ws: Workspace, desired: DesiredState | None) -> Refusal | None:
+    """Whether `desired` (None: only settings change) may be asked of `ws` now (shared by
+    the admin API's PATCH and the self-service page): never of a workspace being deleted,
+    and RUNNING or WARM of an archived one only through a restore."""
+    refusal = _deleting(ws)
+    if refusal is None and desired in _UP and restore_needed(ws):
+        if ws.operation is Operation.ARCHIVING:
+            return Refusal("restore_required", f"workspace {ws.id} is being archived; once "
+                           "it is COLD it comes back only through a restore")
+        return Refusal("restore_required",
+                       f"workspace {ws.id} is archived (COLD); it comes back only through a "
+                       "restore")
+    return refusal
+
+
+def restore_refusal(ws: Workspace) -> Refusal | None:
+    """Whether a restore may be asked of `ws` now: only of a COLD one, not in ERROR."""
+    refusal = _deleting(ws)
+    if refusal is not None:
+        return refusal
+    if ws.status is Status.ERROR:
+        return Refusal("in_error", f"workspace {ws.id} is in ERROR ({ws.error_message}); it "
+                       "must be retried first")
+    if ws.status is not Status.COLD:
+        return Refusal("not_cold", f"workspace {ws.id} is {ws.status.value}; only a COLD "
+                       "workspace can be restored")
+    return None
+
+
 
 @dataclass(frozen=True, slots=True)
 class Workspace:

@@ -133,6 +133,14 @@ class AlreadyExists(Exception):
     """A workspace with this id exists."""
 
 
+class OwnerLimit(Exception):
+    """The owner already has `limit` workspaces that are not being deleted."""
+
+    def __init__(self, owner: str, limit: int) -> None:
+        super().__init__(f"{owner} already owns {limit} workspace(s)")
+        self.limit = limit
+
+
 class StoreUnavailable(ConnectionError):
     """The database did not answer within the store's timeout (down, refusing, frozen)."""
 
@@ -244,6 +252,22 @@ class Store:
             raise AlreadyExists(id) from None
         assert rec is not None
         return _row(rec)
+
+    async def create_within(self, limit: int, *, id: str, owner: str, image_ref: str,
+                            desired_state: DesiredState) -> Workspace:
+        """`create`, only while `owner` has fewer than `limit` workspaces not asked to be
+        deleted (OwnerLimit); concurrent creations for one owner are serialised by a
+        transaction-scoped advisory lock, so the limit holds across replicas."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 16))",
+                               owner, timeout=self.pool.timeout)
+            owned = await conn.fetchval(
+                "SELECT count(*) FROM workspaces WHERE owner = $1 AND desired_state <> "
+                "'DELETED'", owner, timeout=self.pool.timeout)
+            if owned >= limit:
+                raise OwnerLimit(owner, limit)
+            return await Store(conn, timeout=self.pool.timeout).create(
+                id=id, owner=owner, image_ref=image_ref, desired_state=desired_state)
 
     async def get(self, workspace_id: str) -> Workspace | None:
         rec = await self.pool.fetchrow(_SELECT + " WHERE id = $1", workspace_id)

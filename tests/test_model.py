@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,7 +17,10 @@ from codehub.model import (
     Status,
     Step,
     VolumeState,
+    Workspace,
     decide,
+    desire_refusal,
+    restore_refusal,
 )
 
 ALL = list(itertools.product(DesiredState, Status, Operation))
@@ -124,3 +128,35 @@ def test_delete_wins_over_any_operation(operation: Operation) -> None:
     for status in Status:
         if status is not Status.DELETED:
             assert decide(DesiredState.DELETED, status, operation) is Step.DELETE
+
+
+def _row(desired: DesiredState, status: Status, operation: Operation,
+         failed_from: Status | None = None) -> Workspace:
+    now = datetime.now(UTC)
+    return Workspace(
+        id="w", owner="o", image_ref="i", desired_state=desired, status=status,
+        operation=operation, operation_started_at=None, home_store_key=None, archive_key=None,
+        archive_size=None, archive_sha256=None, archive_created_at=None, last_access_at=now,
+        warm_ttl_seconds=None, cold_ttl_seconds=None, error_message="boom",
+        error_from_status=failed_from, error_count=0, error_at=None, next_retry_at=None,
+        progress_phase=None, progress_done=None, progress_total=None, generation=1,
+        observed_generation=1, created_at=now, updated_at=now)
+
+
+@pytest.mark.parametrize(("desired", "status", "operation"), ALL)
+def test_a_wish_is_refused_only_while_deleting_or_when_an_archive_needs_a_restore(
+        desired: DesiredState, status: Status, operation: Operation) -> None:
+    ws = _row(desired, status, operation, failed_from=Status.COLD)
+    deleting = desired is DesiredState.DELETED or status is Status.DELETED
+    settled = Status.COLD if status is Status.ERROR else status
+    archived = desired is DesiredState.COLD and (
+        settled is Status.COLD or operation is Operation.ARCHIVING)
+    for wish in (None, *DesiredState):
+        refusal = desire_refusal(ws, wish)
+        up = wish in (DesiredState.RUNNING, DesiredState.WARM)
+        expected = "deleting" if deleting else "restore_required" if up and archived else None
+        assert (refusal.code if refusal else None) == expected, (wish, ws)
+    refusal = restore_refusal(ws)
+    expected = ("deleting" if deleting else "in_error" if status is Status.ERROR
+                else None if status is Status.COLD else "not_cold")
+    assert (refusal.code if refusal else None) == expected

@@ -3,7 +3,8 @@
 Guarantees:
 - No handler calls Docker or object storage; each state change is a compare-and-set
   against the exact row its checks were made on, re-read and re-checked (up to
-  `_CAS_TRIES`) when the row moved in between.
+  `_CAS_TRIES`) when the row moved in between: desired state and settings through
+  desire.py, with the rules of model.py (the self-service page uses the same two).
 - Listing pages by an opaque keyset cursor (base64url of the last id): rows created or
   deleted while a client pages never make it see one twice or miss one that existed.
 """
@@ -15,14 +16,13 @@ import binascii
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
 
-from .. import audit, keys, revocations
+from .. import audit, desire, keys, model, revocations
 from ..gateway import auth as gateway_auth
-from ..model import DesiredState, Operation, Status, Workspace
+from ..model import DesiredState, Refusal, Status, Workspace
 from ..openapi import (
     ApiError,
     Args,
@@ -32,8 +32,6 @@ from ..openapi import (
 from ..store import SETTINGS, AlreadyExists
 from .replies import CALL, context_of, iso, json_reply, store_of, workspace_json
 from .schemas import _CAS_TRIES, ID_SCHEMA, PREFIX
-
-log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -56,67 +54,44 @@ def _refuse_if_deleting(ws: Workspace) -> None:
         raise ApiError(409, "deleting", f"workspace {ws.id} is being deleted")
 
 
-_UP = (DesiredState.RUNNING, DesiredState.WARM)
-_TIER = {DesiredState.DELETED: 0, DesiredState.COLD: 1, DesiredState.WARM: 2,
-         DesiredState.RUNNING: 3}
+# The call that gets a refused wish through instead (the rules themselves are model.py's).
+_INSTEAD = {"restore_required": "restore", "in_error": "retry"}
 
 
-def _restore_needed(ws: Workspace) -> bool:
-    """COLD, or on its way there, and nobody asked for a restore yet."""
-    settled = ws.error_from_status if ws.status is Status.ERROR else ws.status
-    return ws.desired_state is DesiredState.COLD and (
-        settled is Status.COLD or ws.operation is Operation.ARCHIVING)
+def refused(refusal: Refusal | None, workspace_id: str) -> None:
+    """Raise the model's refusal as the API's 409, naming the call that helps."""
+    if refusal is None:
+        return
+    message = refusal.message
+    if refusal.code in _INSTEAD:
+        message += f": POST {PREFIX}/workspaces/{workspace_id}/{_INSTEAD[refusal.code]}"
+    raise ApiError(409, refusal.code, message)
 
 
 def check_patch(ws: Workspace, desired: DesiredState | None) -> None:
     """Refuse a PATCH the state machine does not allow (pure; raises ApiError 409)."""
-    _refuse_if_deleting(ws)
-    if desired in _UP and _restore_needed(ws):
-        how = f"POST {PREFIX}/workspaces/{ws.id}/restore"
-        if ws.operation is Operation.ARCHIVING:
-            raise ApiError(409, "restore_required",
-                           f"workspace {ws.id} is being archived; once it is COLD it comes "
-                           f"back only through a restore: {how}")
-        raise ApiError(409, "restore_required",
-                       f"workspace {ws.id} is archived (COLD); it comes back only through a "
-                       f"restore: {how}")
+    refused(model.desire_refusal(ws, desired), ws.id)
 
 
 def check_restore(ws: Workspace) -> None:
-    _refuse_if_deleting(ws)
-    if ws.status is Status.ERROR:
-        raise ApiError(409, "in_error",
-                       f"workspace {ws.id} is in ERROR ({ws.error_message}); retry it first: "
-                       f"POST {PREFIX}/workspaces/{ws.id}/retry")
-    if ws.status is not Status.COLD:
-        raise ApiError(409, "not_cold",
-                       f"workspace {ws.id} is {ws.status.value}; only a COLD workspace can be "
-                       "restored")
+    refused(model.restore_refusal(ws), ws.id)
 
 
-async def _update(request: web.Request, workspace_id: str,
-                  check: Callable[[Workspace], None],
+async def _update(request: web.Request, workspace_id: str, rule: desire.Rule,
                   desired: DesiredState | None, ttls: dict[str, int | None]
                   ) -> tuple[Workspace, Workspace]:
-    """Check the row and write the change as a compare-and-set against what was checked;
-    (before, after). A row that moved in between is re-read and re-checked."""
-    store = store_of(request)
-    for _ in range(_CAS_TRIES):
-        ws = await _load(request, workspace_id)
-        check(ws)
-        same_ttls = all(getattr(ws, k) == v for k, v in ttls.items())
-        if (desired is None or desired is ws.desired_state) and same_ttls:
-            return ws, ws  # nothing to change: no write, no generation bump
-        # Asking for a higher tier restarts the idle time: without this a restore of a
-        # long-idle workspace would be swept straight back to COLD.
-        wake = desired is not None and _TIER[desired] > _TIER[ws.desired_state]
-        new = await store.update_spec(
-            workspace_id, expect_desired=ws.desired_state, expect_status=ws.status,
-            expect_operation=ws.operation, desired_state=desired, ttls=ttls, touch=wake)
-        if new is not None:
-            await _changed(request, workspace_id)
-            return ws, new
-    raise ApiError(409, "conflict", f"workspace {workspace_id} kept changing; try again")
+    """desire.change, its errors as the API's answers."""
+    try:
+        return await desire.change(store_of(request), request.config_dict[keys.HINTS],
+                                   workspace_id, rule, desired, ttls)
+    except desire.NotFound:
+        raise ApiError(404, "not_found", f"no workspace {workspace_id}") from None
+    except desire.Refused as exc:
+        refused(exc.refusal, workspace_id)
+        raise
+    except desire.KeptChanging:
+        raise ApiError(409, "conflict",
+                       f"workspace {workspace_id} kept changing; try again") from None
 
 
 def _encode_cursor(last_id: str) -> str:
@@ -195,7 +170,7 @@ async def patch_workspace(request: web.Request, args: Args) -> web.Response:
     ttls: dict[str, int | None] = {
         k: body[k] for k in SETTINGS if k in body}
     before, after = await _update(request, args.path["id"],
-                                  lambda ws: check_patch(ws, desired), desired, ttls)
+                                  lambda ws: model.desire_refusal(ws, desired), desired, ttls)
     moved = after.desired_state is not before.desired_state
     if after is not before:
         log.info("api: workspace %s updated: %s", after.id, body)
@@ -203,20 +178,18 @@ async def patch_workspace(request: web.Request, args: Args) -> web.Response:
 
 
 async def delete_workspace(request: web.Request, args: Args) -> web.Response:
-    ws = await _load(request, args.path["id"])
-    if ws.desired_state is not DesiredState.DELETED:
-        new = await store_of(request).set_desired(ws.id, DesiredState.DELETED)
-        if new is None:
-            raise ApiError(404, "not_found", f"no workspace {ws.id}")
-        ws = new
-        log.info("api: workspace %s asked to be deleted", ws.id)
-        await _changed(request, ws.id)
+    try:
+        ws = await desire.delete(store_of(request), request.config_dict[keys.HINTS],
+                                 args.path["id"])
+    except desire.NotFound:
+        raise ApiError(404, "not_found", f"no workspace {args.path['id']}") from None
+    log.info("api: workspace %s asked to be deleted", ws.id)
     return json_reply(workspace_json(ws, context_of(request).config), 202)
 
 
 async def restore_workspace(request: web.Request, args: Args) -> web.Response:
     target = DesiredState.RUNNING if args.body.get("start") else DesiredState.WARM
-    _, after = await _update(request, args.path["id"], check_restore, target, {})
+    _, after = await _update(request, args.path["id"], model.restore_refusal, target, {})
     log.info("api: workspace %s asked to restore to %s", after.id, target.value)
     return json_reply(workspace_json(after, context_of(request).config), 202)
 

@@ -6,7 +6,8 @@ links and cookies), `origins` (path mode or an origin per workspace), `activity`
 batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits), `watch` (one
 watcher per workspace feeding all its event streams), `handler` (what each request gets),
 `links` (minting access links), and with `[auth.oidc]`: `oidc` (the relying party),
-`sessions` (signed session and flow cookies), `signin` (the sign-in routes).
+`sessions` (signed session and flow cookies), `signin` (the sign-in routes),
+`selfservice` (the page at / and its JSON calls).
 
 In host mode (gateway.workspace_host) a middleware sends every request for a workspace's
 origin to the gateway before routing; `/w/{id}/...` on the main origin redirects (308) to
@@ -36,7 +37,7 @@ from .. import keys, revocations
 from ..interfaces import InstanceController
 from ..model import WORKSPACE_ID
 from ..store import StoreUnavailable
-from . import links, signin
+from . import links, selfservice, signin
 from .auth import load_keys
 from .handler import MAX_ID_LENGTH, Gateway
 from .oidc import OidcClient
@@ -189,4 +190,5 @@ def setup(app: web.Application, *, instances: web.AppKey[InstanceController],
         links.setup(app)
     if cfg.auth.oidc.enabled:
         signin.setup(app)
+        selfservice.setup(app)
         log.info("gateway: sign-in with OpenID Connect at %s", cfg.auth.oidc.issuer)

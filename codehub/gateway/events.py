@@ -9,7 +9,8 @@ Guarantees:
   gateway.events_poll_interval, not N.
 - `ready` is true only when the workspace is RUNNING with no operation AND its health
   check (docker.health_path) answers 2xx through the gateway's own network path.
-- The stream ends after a final state (ready, ERROR, COLD, unknown or being deleted) and
+- The stream ends after a final state (ready, ERROR, COLD with no restore asked for,
+  unknown or being deleted) and
   at the latest after MAX_STREAM seconds (the browser's EventSource then reconnects);
   keep-alive comments (`: ping`) flow every PING_INTERVAL seconds while nothing changes;
   while the database cannot be read the stream stays open and sends nothing new.

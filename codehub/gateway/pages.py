@@ -1,4 +1,5 @@
-"""The gateway's own pages: loading (auto-wake), COLD, and errors (401/403/404/502/503).
+"""The gateway's own pages: loading (auto-wake), COLD, errors (401/403/404/502/503), and
+the self-service page (selfservice.py).
 
 Guarantees:
 - Every page is one self-contained HTML response: the stylesheet and script from
@@ -25,7 +26,7 @@ from aiohttp import web
 from ..model import Workspace
 
 PACKAGE_STATIC = Path(__file__).resolve().parents[1] / "static"
-TEMPLATES = ("loading.html", "cold.html", "error.html")
+TEMPLATES = ("loading.html", "cold.html", "error.html", "portal.html")
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
 NO_STORE = "no-store"
 
@@ -60,16 +61,27 @@ def wants_html(request: web.Request) -> bool:
     return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
 
 
+def _own_or_ours(directory: Path, name: str) -> str:
+    """A page of gateway.static_dir; the self-service page's files fall back to the
+    package's (a static_dir made before that page existed still works)."""
+    path = directory / name
+    if not path.exists() and name.startswith("portal."):
+        path = PACKAGE_STATIC / name
+    return path.read_text(encoding="utf-8")
+
+
 class Pages:
     def __init__(self, directory: Path) -> None:
         css = (directory / "codehub.css").read_text(encoding="utf-8")
         js = (directory / "codehub.js").read_text(encoding="utf-8")
+        portal_js = _own_or_ours(directory, "portal.js")
         self._templates: dict[str, str] = {}
         for name in TEMPLATES:
-            text = (directory / name).read_text(encoding="utf-8")
+            text = _own_or_ours(directory, name)
             # Inlined once here; a stylesheet or script can hold no "{{" of its own.
             self._templates[name] = (text.replace("{{css}}", css.replace("{{", "{ {"))
-                                     .replace("{{js}}", js.replace("{{", "{ {")))
+                                     .replace("{{js}}", js.replace("{{", "{ {"))
+                                     .replace("{{portal_js}}", portal_js.replace("{{", "{ {")))
 
     def _render(self, name: str, values: dict[str, str], raw: dict[str, str] | None = None,
                 ) -> str:
@@ -116,6 +128,10 @@ class Pages:
             "operation": operation,
         }, {"refresh": refresh})
         return self._response(502, body)
+
+    def portal(self) -> web.Response:
+        """The self-service page (selfservice.py); it fetches its data itself."""
+        return self._response(200, self._render("portal.html", {}))
 
     def error(self, status: int, title: str, message: str, *, workspace_id: str = "",
               detail: str = "", retry_after: int | None = None) -> web.Response:

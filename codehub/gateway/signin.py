@@ -42,7 +42,7 @@ from urllib.parse import quote, urlencode
 import asyncpg
 from aiohttp import web
 
-from ..model import WORKSPACE_ID, DesiredState
+from ..model import WORKSPACE_ID, DesiredState, Workspace
 from . import auth
 from .oidc import Flow, OidcClient, OidcError
 from .sessions import FLOW_TTL, PendingFlow, Scope, Signer
@@ -126,7 +126,7 @@ def _sign_in(request: web.Request) -> SignIn:
     return gw.signin
 
 
-async def _start(request: web.Request, next_path: str) -> web.Response:
+async def start(request: web.Request, next_path: str) -> web.Response:
     """Send the browser to the provider's login, the flow's secrets in its cookie."""
     si = _sign_in(request)
     try:
@@ -150,7 +150,7 @@ async def open_workspace(request: web.Request) -> web.StreamResponse:
         return _page(request, 404, "No such workspace.", "Check the link.")
     session = si.signer.check_session(request.cookies.get(si.scope.session))
     if session is None:
-        return await _start(request, request.rel_url.path_qs)
+        return await start(request, request.rel_url.path_qs)
     try:
         ws = await gw.store.get(workspace_id)
     except _UNAVAILABLE as exc:
@@ -163,12 +163,16 @@ async def open_workspace(request: web.Request) -> web.StreamResponse:
                      f"You are signed in as {session.person}, and this workspace belongs "
                      "to someone else. Ask its owner or an administrator.",
                      workspace_id=workspace_id)
-    now = time.time()
-    token = auth.mint_access_link(gw.keys, workspace_id, ws.access_nonce, LINK_TTL, now)
-    root = (gw.origins.workspace_origin(workspace_id) if gw.origins.host_mode
-            else _base(request) + f"/w/{workspace_id}")
+    return _see_other(access_url(gw, ws, path))
+
+
+def access_url(gw: Gateway, ws: Workspace, path: str = "/") -> str:
+    """A fresh single-use access link (LINK_TTL) to `path` of the workspace."""
+    token = auth.mint_access_link(gw.keys, ws.id, ws.access_nonce, LINK_TTL, time.time())
+    root = (gw.origins.workspace_origin(ws.id) if gw.origins.host_mode
+            else gw.origins.public_base + f"/w/{ws.id}")
     sep = "&" if "?" in path else "?"
-    return _see_other(f"{root}{path}{sep}access={quote(token)}")
+    return f"{root}{path}{sep}access={quote(token)}"
 
 
 def _refused(request: web.Request, status: int, title: str, message: str,

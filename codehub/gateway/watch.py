@@ -37,9 +37,14 @@ log = logging.getLogger(__name__)
 HEALTH_TIMEOUT = 2.0
 RETRY_MS = 2000  # the EventSource's reconnection delay, sent with every state
 _FINAL = frozenset({Status.ERROR, Status.COLD, Status.DELETED})
+_RESTORING = frozenset({DesiredState.RUNNING.value, DesiredState.WARM.value})
 
 
 def is_final(state: dict[str, Any]) -> bool:
+    """Nothing more will happen by itself. COLD with a restore asked for is not final: the
+    self-service page follows the restore on the same stream."""
+    if state["status"] == Status.COLD.value and state.get("desired_state") in _RESTORING:
+        return False
     return bool(state["ready"]) or state["status"] in ("UNKNOWN", *(s.value for s in _FINAL)) \
         or state.get("desired_state") == DesiredState.DELETED.value
 
