@@ -37,16 +37,19 @@ def oidc_config(issuer: str, **changes: Any) -> OidcConfig:
 async def signin_stack(database_url: str, up: Upstream, tmp_path: Path, *,
                        host_mode: bool = False, https: bool = False,
                        provider: oidc.OidcProvider | None = None, issuer: str = "",
-                       with_api: bool = False, **oidc_changes: Any,
+                       with_api: bool = False,
+                       extra_clients: list[dict[str, Any]] | None = None, **oidc_changes: Any,
                        ) -> AsyncIterator[tuple[Stack, oidc.OidcProvider | None]]:
     """`issuer`: another provider's (a test's own); else a new oidc-provider is started.
-    `https`: the public URL says https (TLS ends at a proxy in front; requests are plain)."""
+    `https`: the public URL says https (TLS ends at a proxy in front; requests are plain).
+    `extra_clients`: more clients registered at the started provider."""
     port = services.free_port()
     scheme = "https" if https else "http"
     main = f"{scheme}://localhost:{port}" if host_mode else f"{scheme}://127.0.0.1:{port}"
     if provider is None and not issuer:
         provider = oidc.start_oidc_provider([main + CALLBACK],
-                                            post_logout_redirect_uris=[main + SIGNED_OUT])
+                                            post_logout_redirect_uris=[main + SIGNED_OUT],
+                                            extra_clients=extra_clients)
     try:
         auth = AuthConfig(signing_keys=[SIGNING_KEY], oidc=oidc_config(
             issuer or (provider.issuer if provider else ""), **oidc_changes))
