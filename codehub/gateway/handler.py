@@ -59,7 +59,7 @@ from ..store import Store
 from . import auth, events, limits, signin
 from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
-from .origins import Origins
+from .origins import Origins, is_local
 from .pages import Pages, plain, wants_html
 from .proxy import Forwarding, proxy_http
 from .routes import DatabaseUnavailable, Route, RouteTable
@@ -231,6 +231,8 @@ class Gateway:
             return None
         cred = auth.verify_access_link(self.keys, workspace_id, token, now)
         clean = str(request.rel_url.without_query_params("access"))
+        if not is_local(clean):  # "//evil/?access=" must not answer Location: //evil/
+            clean = "/"
         if cred.verdict is Verdict.OK:
             try:
                 cred = await self.redeem(workspace_id, cred)

@@ -1,4 +1,4 @@
-"""Where a workspace is served: its browser origin, and which origin a request is for.
+r"""Where a workspace is served: its browser origin, and which origin a request is for.
 
 Two modes (README.md "Browser isolation"):
 - **Path mode** (`gateway.workspace_host` empty; single-user and development setups):
@@ -20,17 +20,48 @@ Guarantees:
   workspace's origin in host mode; the public URL's origin, or (none configured) the
   scheme and Host the request arrived with, in path mode.
 - Default ports are never part of an origin (`https://x:443` is `https://x`).
+- `is_local(target)` is true only for a path (and query) that a browser resolves to a
+  path of the SAME origin: one leading slash after the browser's own normalisation (dot
+  segments removed, `%2e` counted as a dot, `\` as `/`), no control character. Every
+  redirect the gateway builds from a request's path or a `path` parameter goes through it.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 from ..model import WORKSPACE_ID
 
 _DEFAULT_PORT = {"http": ":80", "https": ":443"}
+_ENCODED_DOT = re.compile("%2e", re.IGNORECASE)
+
+
+def browser_path(path: str) -> str:
+    """The path a browser resolves `path` to (RFC 3986 5.2.4 dot segments removed; `%2e`
+    is a dot and `\\` a slash there, as WHATWG URL parsing does for http(s))."""
+    segments = _ENCODED_DOT.sub(".", path.replace("\\", "/")).split("/")
+    out: list[str] = []
+    last = len(segments) - 1
+    for i, seg in enumerate(segments[1:], start=1):
+        if seg in (".", ".."):
+            if seg == ".." and out:
+                out.pop()
+            if i == last:
+                out.append("")
+        else:
+            out.append(seg)
+    return "/" + "/".join(out)
+
+
+def is_local(target: str) -> bool:
+    """Whether a redirect to `target` stays on this origin (module guarantees)."""
+    if not target.startswith("/") or not target.isprintable():
+        return False
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    return not browser_path(path).startswith("//") and not path.startswith(("//", "/\\"))
 
 
 class HostKind(enum.Enum):

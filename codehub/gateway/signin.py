@@ -45,6 +45,7 @@ from aiohttp import web
 from ..model import WORKSPACE_ID, DesiredState, Workspace
 from . import auth
 from .oidc import Flow, OidcClient, OidcError
+from .origins import is_local
 from .sessions import FLOW_TTL, PendingFlow, Scope, Signer
 
 if TYPE_CHECKING:
@@ -59,10 +60,10 @@ _PROVIDER_DOWN = frozenset({"provider_unreachable", "provider_error", "bad_disco
 
 
 def safe_path(path: str) -> bool:
-    """A path of this site: one leading slash, no scheme or host, no backslash or control
-    character (an open redirect needs one of those)."""
-    return (0 < len(path) <= _MAX_PATH and path.startswith("/") and not path.startswith("//")
-            and "\\" not in path and path.isprintable())
+    """A path of this site: one leading slash as a browser resolves it (origins.is_local:
+    dot segments, `%2e`), no scheme or host, no backslash or control character (an open
+    redirect needs one of those)."""
+    return 0 < len(path) <= _MAX_PATH and "\\" not in path and is_local(path)
 
 
 def open_url(base: str, workspace_id: str, target: str) -> str:

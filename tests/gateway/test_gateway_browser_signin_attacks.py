@@ -79,11 +79,6 @@ async def _bob_signed_in(stack: Stack, browser: Any) -> Any:
     return page
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HOLE: host mode open redirect, in chromium: a link to <main>/_codehub/auth/open/echo"
-    "?path=/.//evil.example/ lands a signed-in owner on http://evil.example/ (open -> "
-    "echo.ws/.//evil.example/?access=T, normalised by chromium to //evil.example/?access=T, "
-    "-> 303 Location: ////evil.example/)."))
 async def test_a_link_to_open_never_lands_a_browser_off_site(
         hosted_signin: Stack, evil_site: EvilSite) -> None:
     stack = hosted_signin
