@@ -142,14 +142,16 @@ def gateway_ctx(instances: web.AppKey[InstanceController],
 
 
 async def _revocations(gw: Gateway, signer: Signer) -> None:
-    """Session revocations (revocations.py) into the signer's in-memory table, every
+    """Session revocations and ended sessions (revocations.py) into the signer's in-memory
+    tables, every
     revocations.REFRESH seconds; a database outage keeps the table as it was."""
     horizon = gw.cfg.auth.oidc.session_ttl + 60
     failing = False
     while True:
+        now = datetime.now(UTC)
         try:
-            found = await revocations.since(
-                gw.store, datetime.now(UTC) - timedelta(seconds=horizon))
+            found = await revocations.since(gw.store, now - timedelta(seconds=horizon))
+            ended = await revocations.ended(gw.store, now)
         except (StoreUnavailable, OSError) as exc:
             if not failing:
                 log.warning("gateway: session revocations unreadable (%s); keeping the "
@@ -159,6 +161,9 @@ async def _revocations(gw: Gateway, signer: Signer) -> None:
             failing = False
             for person, at in found.items():
                 signer.not_before.revoke(person, int(at.timestamp()))
+            for sid, until in ended.items():
+                signer.ended.end(sid, int(until.timestamp()))
+            signer.ended.prune(now.timestamp())
         await asyncio.sleep(revocations.REFRESH)
 
 

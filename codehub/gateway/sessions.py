@@ -20,11 +20,17 @@ Guarantees:
   per-person revocation writes that time to PostgreSQL (revocations.py) and the gateway
   copies the recent ones into this table every few seconds; the table is bounded (at most
   one entry per person) and lives in memory.
-- A value that is malformed, forged, expired or of the wrong purpose verifies as None.
+- A sign-out ends its own session for good: the session's id (`jti`) is recorded in
+  PostgreSQL until the session would have expired (revocations.py), and every gateway
+  refuses it once it has read the record (its own at once, the others within
+  revocations.REFRESH). A copy of the cookie taken before the sign-out opens nothing after.
+- A value that is malformed, forged, expired, of the wrong purpose or without an id
+  verifies as None.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +69,7 @@ class Session:
     admin: bool
     issued_at: int
     expires_at: int
+    sid: str = ""  # the session's own id (jti): what a sign-out revokes
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,24 @@ class NotBefore:
         return issued_at >= self._times.get(person, 0)
 
 
+class Ended:
+    """Sessions ended by a sign-out (by id) until they would have expired anyway: bounded
+    by the sign-outs of one session lifetime."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, int] = {}
+
+    def end(self, sid: str, expires_at: int) -> None:
+        self._until[sid] = expires_at
+
+    def prune(self, now: float) -> None:
+        for sid in [s for s, until in self._until.items() if until < now]:
+            del self._until[sid]
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self._until
+
+
 class Signer:
     """Signs and verifies the session and flow cookies. `now` returns Unix seconds."""
 
@@ -92,6 +117,7 @@ class Signer:
         self._keys = [OctKey.import_key(k) for k in keys.keys]
         self.now = now
         self.not_before = NotBefore()
+        self.ended = Ended()
 
     def _sign(self, claims: dict[str, Any]) -> str:
         return jwt.encode(_HEADER, claims, self._keys[0], algorithms=["HS256"])
@@ -118,19 +144,22 @@ class Signer:
 
     def session(self, identity: Identity, ttl: int) -> tuple[str, Session]:
         now = int(self.now())
-        s = Session(identity.person, identity.admin, now, now + ttl)
+        s = Session(identity.person, identity.admin, now, now + ttl, secrets.token_urlsafe(12))
         return self._sign({"p": "session", "sub": s.person, "adm": s.admin, "iat": now,
-                           "exp": s.expires_at}), s
+                           "exp": s.expires_at, "jti": s.sid}), s
 
     def check_session(self, value: str | None) -> Session | None:
         claims = self._verify(value, "session")
         if claims is None:
             return None
-        person, admin = claims.get("sub"), claims.get("adm")
-        if not isinstance(person, str) or not person or not isinstance(admin, bool):
+        person, admin, sid = claims.get("sub"), claims.get("adm"), claims.get("jti")
+        if not isinstance(person, str) or not person or not isinstance(admin, bool) or (
+                not isinstance(sid, str) or not sid):
             return None
-        s = Session(person, admin, int(claims["iat"]), int(claims["exp"]))
-        return s if self.not_before.allows(s.person, s.issued_at) else None
+        s = Session(person, admin, int(claims["iat"]), int(claims["exp"]), sid)
+        if s.sid in self.ended or not self.not_before.allows(s.person, s.issued_at):
+            return None
+        return s
 
     def flow(self, flow: Flow, next_path: str) -> str:
         now = int(self.now())

@@ -42,6 +42,7 @@ from urllib.parse import quote, urlencode
 import asyncpg
 from aiohttp import web
 
+from .. import revocations
 from ..model import WORKSPACE_ID, DesiredState, Workspace
 from . import auth
 from .oidc import Flow, OidcClient, OidcError
@@ -240,11 +241,31 @@ async def _finish(request: web.Request, si: SignIn, code: str, pending: PendingF
     return resp
 
 
+def _cross_site(request: web.Request) -> bool:
+    """Sent by another site's page (a navigation or a form): Sec-Fetch-Site says so, or,
+    for a POST, an Origin other than CodeHub's own."""
+    site = request.headers.get("Sec-Fetch-Site", "same-origin")
+    if site not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("Origin")
+    return request.method == "POST" and origin is not None and origin != _base(request)
+
+
 async def logout(request: web.Request) -> web.StreamResponse:
+    """Another site cannot sign a person out (GET or POST); a sign-out ends the session for
+    good (sessions.py: its id is recorded), then the provider's."""
     si = _sign_in(request)
-    if request.method == "POST" and request.headers.get("Sec-Fetch-Site", "same-origin") not in (
-            "same-origin", "none"):
+    if _cross_site(request):
         return _page(request, 403, "Refused.", "A sign-out must come from CodeHub's own pages.")
+    session = si.signer.check_session(request.cookies.get(si.scope.session))
+    if session is not None:
+        si.signer.ended.end(session.sid, session.expires_at)
+        try:
+            await revocations.end_session(_gateway(request).store, session.sid,
+                                          datetime.fromtimestamp(session.expires_at, UTC))
+        except _UNAVAILABLE as exc:  # this gateway refuses it; the others until expiry
+            log.warning("sign-out of %s not recorded for the other replicas: %s",
+                        session.person, exc or type(exc).__name__)
     target = _base(request) + PREFIX + "/signed-out"
     try:
         end = (await si.client.metadata()).end_session_endpoint
