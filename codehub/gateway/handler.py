@@ -25,7 +25,12 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
 - WARM, NEW, or RUNNING but not yet reachable: a browser GET for HTML sets desired RUNNING
   (if it was not), records the access at once, sends a hint, and gets the loading page
   (200, no-store); other requests get 503 + Retry-After; a WebSocket upgrade gets 503,
-  which the IDE's reconnect logic retries.
+  which the IDE's reconnect logic retries, and wakes nothing (the retries of a tab nobody
+  uses would keep its workspace up forever): with gateway.activity = "input" the tab's
+  first key or click reports to `<root>/_codehub/activity`, which wakes it, and the tab
+  reloads onto the loading page (presence.py).
+- With gateway.activity = "input", the workbench document (`<root>/` loaded by a
+  browser) gets the presence script, served at `<root>/_codehub/presence.js`.
 - COLD (or being archived or restored): 502 and the archived page; ERROR: 502 with the
   recorded reason; being deleted: 502; unknown workspace: 404.
 - A running workspace that refuses the connection: its row is read again; if it is no
@@ -52,6 +57,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..interfaces import HintBus, InstanceController
+from ..metrics import STEPPED_DOWN_UNDER_OPEN_TAB
 from ..model import DesiredState, Operation, Status
 from ..store import Store
 from . import auth, events, limits
@@ -59,6 +65,7 @@ from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
 from .origins import Origins
 from .pages import Pages, plain, wants_html
+from .presence import ACTIVITY_PATH, SCRIPT_PATH, Presence
 from .proxy import Forwarding, proxy_http
 from .routes import DatabaseUnavailable, Route, RouteTable
 from .upstream import UpstreamError, UpstreamPool
@@ -128,7 +135,11 @@ class Gateway:
         self.stream_slots = limits.Slots(per_workspace=g.events_per_workspace,
                                                per_client=g.events_per_client)
         self.activity = Activity(store, interval=g.activity_flush_interval,
-                                 keep_sockets_active=g.websocket_keeps_active)
+                                 keep_sockets_active=g.websocket_keeps_active,
+                                 sort_sockets=g.activity == "input")
+        self.presence = Presence(pages.directory, self.activity, enabled=g.activity == "input",
+                                 default_warm_ttl=cfg.reconciler.default_warm_ttl)
+        self._stepped_down: dict[str, int] = {}  # counted: workspace id -> its generation
         self._verified: dict[str, _Verified] = {}
         # Relayed WebSockets by workspace: the handler task and its cookie's nonce.
         self._sockets: dict[str, dict[asyncio.Task[Any], str]] = {}
@@ -278,8 +289,13 @@ class Gateway:
         return hops[0]
 
     async def own_endpoint(self, request: web.Request, workspace_id: str, target: str,
-                           fwd: Forwarding) -> web.StreamResponse:
+                           fwd: Forwarding, route: Route) -> web.StreamResponse:
         path = target.partition("?")[0]
+        if self.presence.enabled:
+            if path == ACTIVITY_PATH and request.method == "POST":
+                return await self.presence.report(workspace_id, route, self.wake)
+            if path == SCRIPT_PATH and request.method == "GET":
+                return self.presence.script_response()
         if path == "/_codehub/events" and request.method == "GET":
             return await events.events(request, workspace_id, self.watchers,
                                        self.stream_slots, self.client_address(fwd))
@@ -384,14 +400,16 @@ class Gateway:
         if ws is not None and ws.access_nonce != cred.nonce:
             return self.denied(request, workspace_id, Verdict.REVOKED)
         if target.startswith("/_codehub/"):
-            return await self.own_endpoint(request, workspace_id, target, fwd)
+            return await self.own_endpoint(request, workspace_id, target, fwd, route)
         if not route.host:
             return await self.state_answer(request, workspace_id, route)
         self.activity.mark(workspace_id)
         if upgrade:
             return await self.websocket(request, workspace_id, route, target, fwd, cred.nonce)
+        # The workbench document gets the presence script (presence.py), once per tab.
+        proxy = self.presence.workbench if self.presence.wants(request, target) else proxy_http
         try:
-            return await proxy_http(self.pool, request, route.host, route.port, target, fwd)
+            return await proxy(self.pool, request, route.host, route.port, target, fwd)
         except UpstreamError as exc:
             return await self.unreachable(request, workspace_id, str(exc))
 
@@ -424,6 +442,7 @@ class Gateway:
                 sockets.pop(task, None)
             if not sockets and self._sockets.get(workspace_id) is sockets:
                 del self._sockets[workspace_id]
+                self._stepped_down.pop(workspace_id, None)
 
     def recheck_sockets(self, workspace_id: str | None) -> None:
         """After a hint: relayed WebSockets whose cookie's nonce is no longer the row's
@@ -441,6 +460,11 @@ class Gateway:
         except DatabaseUnavailable:
             return  # nothing is known to have changed; the next hint or resync tells
         current = ws.access_nonce if ws is not None else None
+        if (ws is not None and ws.status is Status.RUNNING and workspace_id in self._sockets
+                and ws.desired_state in (DesiredState.WARM, DesiredState.COLD)
+                and self._stepped_down.get(workspace_id) != ws.generation):
+            self._stepped_down[workspace_id] = ws.generation  # once per step-down
+            STEPPED_DOWN_UNDER_OPEN_TAB.inc()
         for task, nonce in list(self._sockets.get(workspace_id, {}).items()):
             if nonce != current:
                 task.cancel()  # the relay's own cleanup closes both sides

@@ -62,6 +62,7 @@ def wants_html(request: web.Request) -> bool:
 
 class Pages:
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
         css = (directory / "codehub.css").read_text(encoding="utf-8")
         js = (directory / "codehub.js").read_text(encoding="utf-8")
         self._templates: dict[str, str] = {}
