@@ -5,7 +5,9 @@ HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth`
 links and cookies), `origins` (path mode or an origin per workspace), `activity` (marks +
 batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits), `watch` (one
 watcher per workspace feeding all its event streams), `handler` (what each request gets),
-`links` (minting access links).
+`links` (minting access links), `idle` (which relayed WebSocket bytes a person caused),
+`presence` (the workbench's script and its activity endpoint), `peers` (who the client
+is behind trusted proxies).
 
 In host mode (gateway.workspace_host) a middleware sends every request for a workspace's
 origin to the gateway before routing; `/w/{id}/...` on the main origin redirects (308) to

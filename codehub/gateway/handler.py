@@ -45,7 +45,6 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
@@ -65,6 +64,7 @@ from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
 from .origins import Origins
 from .pages import Pages, plain, wants_html
+from .peers import Peers
 from .presence import ACTIVITY_PATH, SCRIPT_PATH, Presence
 from .proxy import Forwarding, proxy_http
 from .routes import DatabaseUnavailable, Route, RouteTable
@@ -115,8 +115,7 @@ class Gateway:
         self.origins = Origins(cfg.server.public_url, g.workspace_host)
         self.cookie_name = (HOST_COOKIE_NAME if self.origins.host_mode and self.public_https
                             else COOKIE_NAME)
-        self._trusted_networks = tuple(ipaddress.ip_network(n) for n in g.trusted_proxies)
-        self._trusted: dict[str, bool] = {}
+        self.peers = Peers(g.trusted_proxies)
         self.retry_after = g.wake_retry_after
         self.health_path = cfg.docker.health_path
         self.events_poll_interval = g.events_poll_interval
@@ -277,17 +276,6 @@ class Gateway:
         """Does the workspace's health check answer 2xx through the gateway's own path?"""
         return healthy(self.session, route, self.health_path)
 
-    def client_address(self, fwd: Forwarding) -> str:
-        """Who the client is: the peer, or behind trusted proxies the right-most address
-        of X-Forwarded-For that is not one of them."""
-        if not fwd.trusted:
-            return fwd.forwarded_for
-        hops = [h.strip() for h in fwd.forwarded_for.split(",")]
-        for hop in reversed(hops):
-            if hop and not self.trusted(hop):
-                return hop
-        return hops[0]
-
     async def own_endpoint(self, request: web.Request, workspace_id: str, target: str,
                            fwd: Forwarding, route: Route) -> web.StreamResponse:
         path = target.partition("?")[0]
@@ -298,7 +286,7 @@ class Gateway:
                 return self.presence.script_response()
         if path == "/_codehub/events" and request.method == "GET":
             return await events.events(request, workspace_id, self.watchers,
-                                       self.stream_slots, self.client_address(fwd))
+                                       self.stream_slots, self.peers.client_address(fwd))
         if path == "/_codehub/status" and request.method == "GET":
             return await events.status(self.routes, self.ready, workspace_id)
         return plain(404, "Not found.")
@@ -324,23 +312,6 @@ class Gateway:
             if worst.verdict is Verdict.MISSING or cred.verdict is Verdict.EXPIRED:
                 worst = cred
         return worst
-
-    def trusted(self, remote: str | None) -> bool:
-        """Is the peer one of gateway.trusted_proxies? (cached per address)"""
-        if not self._trusted_networks or not remote:
-            return False
-        known = self._trusted.get(remote)
-        if known is None:
-            try:
-                address = ipaddress.ip_address(remote)
-            except ValueError:
-                known = False
-            else:
-                known = any(address in net for net in self._trusted_networks)
-            if len(self._trusted) >= VERIFIED_CACHE:
-                self._trusted.clear()
-            self._trusted[remote] = known
-        return known
 
     def cross_site(self, request: web.Request, workspace_id: str, fwd: Forwarding,
                    upgrade: bool) -> web.Response | None:
@@ -372,7 +343,7 @@ class Gateway:
         `workspace_id`. The caller has checked that both are well formed."""
         remote = request.remote or ""
         fwd = Forwarding(request, self.origins.prefix(workspace_id),
-                         trusted=self.trusted(remote), remote=remote)
+                         trusted=self.peers.trusted(remote), remote=remote)
         upgrade = is_upgrade(request)
         refused = self.cross_site(request, workspace_id, fwd, upgrade)
         if refused is not None:
@@ -416,7 +387,7 @@ class Gateway:
     async def websocket(self, request: web.Request, workspace_id: str, route: Route,
                         target: str, fwd: Forwarding, nonce: str) -> web.StreamResponse:
         url = f"ws://{route.host}:{route.port}{target}"
-        client = self.client_address(fwd)
+        client = self.peers.client_address(fwd)
         refused = self.ws_slots.take(workspace_id, client)
         if refused is not None:
             return limits.too_many_websockets(refused, self.ws_slots)
