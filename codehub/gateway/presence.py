@@ -21,7 +21,8 @@ Guarantees:
   stay so, marks it active and answers 200 `{"running": true, "every": S}`. Otherwise
   it wakes it as the loading page does (desired RUNNING, access recorded, hint) and
   answers 200 `{"running": false}`: the script reloads the tab, which lands on the
-  loading page and from there in a new workbench.
+  loading page and from there in a new workbench. Without the database: 503 (JSON),
+  and the script reports again later.
 - The script reports a key press, pointer press, wheel or touch at most once per
   `every` seconds: 60, or a quarter of the workspace's warm TTL when that is shorter, so
   input always lands well within the TTL. The first input after a step-down always
@@ -33,12 +34,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 from aiohttp import web
 
 from ..model import DesiredState, Status
 from .activity import Activity
 from .proxy import Forwarding, exchange, request_head, response_headers
-from .routes import Route
+from .routes import DatabaseUnavailable, Route
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 SCRIPT_PATH = "/_codehub/presence.js"
@@ -89,7 +91,12 @@ class Presence:
                 {"running": True, "every": report_every(route, self.default_warm_ttl)},
                 headers={"Cache-Control": "no-store"})
         if ws is not None:
-            await wake(workspace_id)
+            try:
+                await wake(workspace_id)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    DatabaseUnavailable) as exc:  # the script tries again later
+                return web.json_response({"error": f"database unavailable: {exc}"},
+                                         status=503, headers={"Retry-After": "5"})
         return web.json_response({"running": False}, headers={"Cache-Control": "no-store"})
 
     async def workbench(self, pool: UpstreamPool, request: web.Request, host: str, port: int,
