@@ -219,7 +219,9 @@ class Gateway:
             return plain(502, "The workspace is archived (COLD) and must be restored.")
         # Waking: WARM, NEW, or RUNNING without a reachable upstream yet.
         if is_upgrade(request) or not wants_html(request):
-            return plain(503, "The workspace is starting.", retry_after=self.retry_after)
+            return plain(503, "The workspace is starting." if ws.desired_state is
+                         DesiredState.RUNNING else "The workspace is resting (stepped down); "
+                         "a page load in a browser wakes it.", retry_after=self.retry_after)
         if request.method == "GET" and ws.desired_state is not DesiredState.RUNNING:
             try:
                 await self.wake(workspace_id)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+import pytest
 from gateway_support import Stack, Upstream, client, open_stack, wait_for
 
 from codehub.gateway import idle, presence
@@ -248,6 +249,19 @@ async def test_a_step_down_under_an_open_tab_is_counted_once(stack: Stack) -> No
         for wid in stepped:
             await stack.hints.publish(wid)
         await wait_for(lambda: STEPPED_DOWN_UNDER_OPEN_TAB._value.get() == before + 1)
-        await stack.hints.publish("echo")  # another hint of the same step-down
-        await asyncio.sleep(0.3)
+        await stack.gw._close_revoked("echo")  # what another hint of it would run
         assert STEPPED_DOWN_UNDER_OPEN_TAB._value.get() == before + 1
+
+
+async def test_a_stepped_down_workspaces_websocket_gets_503_and_wakes_nothing(
+        stack: Stack) -> None:
+    """The workbench's reconnection attempts are not a person: they do not wake it."""
+    await stack.add("sleepy", status=Status.WARM, desired=DesiredState.WARM)
+    ws_url = stack.url("/w/sleepy/_echo/ws").replace("http://", "ws://")
+    async with client() as http:
+        for _ in range(3):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await http.ws_connect(ws_url, headers=stack.headers("sleepy"))
+            assert err.value.status == 503
+    row = await stack.store.get("sleepy")
+    assert row is not None and row.desired_state is DesiredState.WARM
