@@ -11,9 +11,11 @@ Guarantees:
   anything else (a custom image, a text protocol, a frame split across reads) is not.
 - `counts(chunk, masked=...)` on a socket that speaks VS Code's protocol: a chunk larger
   than QUIET_CHUNK counts; a smaller one counts unless its first frame is a ping or pong,
-  a protocol KeepAlive or Ack, a protocol control message (connection set-up,
-  reconnection, pause, resume, disconnect), or a Regular message of at most QUIET_REGULAR
-  bytes (the background messages an untouched workbench exchanges). Anything it cannot
+  a protocol control message (connection set-up, reconnection), a Regular message of at
+  most QUIET_REGULAR bytes (the background messages an untouched workbench exchanges), or
+  a bodiless protocol message (KeepAlive, Ack, pause, resume, disconnect, replay) with at
+  most QUIET_REGULAR bytes of further messages after it in the same frame (VS Code's
+  writer joins messages: an Ack and a key press travel as one frame). Anything it cannot
   read (a frame head cut short, another opcode, an unknown type byte) counts: in doubt,
   a workspace stays up. Only the first frame of a read is looked at, and a read is taken
   to start at a frame: browsers and code-server write each small frame whole, so its
@@ -38,7 +40,8 @@ RESUME = 8
 KEEP_ALIVE = 9
 HEADER = 13
 _TYPES = (REGULAR, CONTROL, ACK, DISCONNECT, REPLAY_REQUEST, PAUSE, RESUME, KEEP_ALIVE)
-_QUIET_TYPES = (ACK, KEEP_ALIVE, CONTROL, DISCONNECT, REPLAY_REQUEST, PAUSE, RESUME)
+# Types without a body: bytes after their 13-byte header are further messages.
+_BODILESS = (ACK, KEEP_ALIVE, DISCONNECT, REPLAY_REQUEST, PAUSE, RESUME)
 
 QUIET_REGULAR = 48
 """Regular messages up to this many bytes (header included) are background chatter."""
@@ -99,4 +102,6 @@ def counts(chunk: bytes, *, masked: bool) -> bool:
         kind = chunk[at]
     if kind == REGULAR:
         return size > QUIET_REGULAR
-    return kind not in _QUIET_TYPES
+    if kind in _BODILESS:  # quiet, unless a larger message rides in the same frame
+        return size - HEADER > QUIET_REGULAR
+    return kind != CONTROL

@@ -83,6 +83,14 @@ def test_larger_regular_messages_and_what_cannot_be_read_count() -> None:
         assert idle.counts(frame(b"text", masked=masked, opcode=0x1), masked=masked)
         assert idle.counts(frame(bytes([42]) * 20, masked=masked), masked=masked)
         assert idle.counts(b"\x82", masked=masked)
+        # VS Code's writer joins messages into one frame: an Ack before a small background
+        # message stays quiet, an Ack before a key press counts
+        ping = message(idle.REGULAR, b"p" * 25)
+        key = message(idle.REGULAR, b"k" * 38)
+        assert not idle.counts(frame(message(idle.ACK) + ping, masked=masked), masked=masked)
+        assert idle.counts(frame(message(idle.ACK) + key, masked=masked), masked=masked)
+        assert idle.counts(frame(message(idle.KEEP_ALIVE) + key, masked=masked),
+                           masked=masked)
         # two quiet frames in one read stay quiet; a quiet one before a big one counts
         two = frame(message(idle.KEEP_ALIVE), masked=masked) * 2
         assert not idle.counts(two, masked=masked)
