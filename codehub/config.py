@@ -279,9 +279,19 @@ class GatewayConfig:
         5.0, "Seconds between batched writes of last_access_at. TTLs are minutes to days, so "
         "a few seconds of lag cost nothing, and one UPDATE per interval keeps database load "
         "independent of the request rate.", lo=0.1, hi=3600)
+    activity: str = setting(
+        "input", "What keeps a workspace from stepping down. input: what a person does "
+        "(requests a browser makes, keys and clicks the workbench reports, edits and "
+        "terminal traffic in code-server's WebSockets); the keep-alives, acks and small "
+        "background messages an open but untouched IDE tab exchanges do not count, so a "
+        "forgotten tab steps down like a closed one. A WebSocket that does not speak "
+        "code-server's protocol (a custom image) counts all its traffic. traffic: every "
+        "message of every relayed WebSocket counts (an open tab keeps its workspace up).",
+        choices=("input", "traffic"))
     websocket_keeps_active: bool = setting(
-        False, "Count an open but silent relayed WebSocket as activity at every flush. Off: "
-        "only messages count (code-server's own heartbeats keep an open IDE active).")
+        False, "Count an open but silent relayed WebSocket as activity at every flush, "
+        "whatever gateway.activity says (an open tab then keeps its workspace up). Off: "
+        "only messages count, as gateway.activity sorts them.")
     static_dir: str = setting("", "Directory of the pages' assets. Empty: the bundled ones.")
     route_ttl: float = setting(
         10.0, "Seconds a cached route to a running workspace is trusted without a hint before "

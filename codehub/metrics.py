@@ -86,6 +86,12 @@ WEBSOCKETS_OPEN = Gauge(
 WEBSOCKETS_OPENED = Counter(
     "codehub_websocket_connections_opened", "WebSocket connections relayed since start.",
     registry=REGISTRY)
+STEPPED_DOWN_UNDER_OPEN_TAB = Counter(
+    "codehub_stepped_down_with_tab_open",
+    "Workspaces asked to step down (WARM or COLD) while this replica relayed a WebSocket "
+    "of theirs: an open IDE tab that did not keep its workspace up (gateway.activity = "
+    "input). Per replica: a workspace with tabs on several replicas counts on each.",
+    registry=REGISTRY)
 CONNECTIONS_OPEN = Gauge(
     "codehub_client_connections", "Client connections admitted and open now.",
     registry=REGISTRY)

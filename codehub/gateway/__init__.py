@@ -5,7 +5,9 @@ HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth`
 links and cookies), `origins` (path mode or an origin per workspace), `activity` (marks +
 batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits), `watch` (one
 watcher per workspace feeding all its event streams), `handler` (what each request gets),
-`links` (minting access links), and with `[auth.oidc]`: `oidc` (the relying party),
+`links` (minting access links), `idle` (which relayed WebSocket bytes a person caused),
+`presence` (the workbench's script and its activity endpoint), `peers` (who the client
+is behind trusted proxies), and with `[auth.oidc]`: `oidc` (the relying party),
 `sessions` (signed session and flow cookies), `signin` (the sign-in routes),
 `selfservice` (the page at / and its JSON calls).
 

@@ -12,8 +12,10 @@ Guarantees:
 - A mark is never moved backwards (the store keeps the latest), and a failed flush keeps
   its marks for the next one (logged once per outage, not per attempt).
 - With `keep_sockets_active`, a workspace with an open relayed WebSocket is marked at
-  every flush even if the socket is silent; without it only messages count, and
-  code-server's own heartbeat messages keep an open IDE active.
+  every flush even if the socket is silent; without it only messages count: all of them
+  (gateway.activity = "traffic"), or with `sort_sockets` ("input") only those a person
+  caused (tunnel.py), so code-server's own keep-alives do not keep an untouched tab's
+  workspace up.
 - Stopping the gateway flushes what is left.
 """
 
@@ -35,10 +37,11 @@ log = logging.getLogger(__name__)
 
 class Activity:
     def __init__(self, store: Store, *, interval: float, keep_sockets_active: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+                 sort_sockets: bool = False, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.interval = interval
         self.keep_sockets_active = keep_sockets_active
+        self.sort_sockets = sort_sockets  # gateway.activity = "input"
         self.clock = clock
         self.marks: dict[str, float] = {}
         self.sockets: dict[str, int] = {}

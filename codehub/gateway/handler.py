@@ -27,7 +27,12 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
 - WARM, NEW, or RUNNING but not yet reachable: a browser GET for HTML sets desired RUNNING
   (if it was not), records the access at once, sends a hint, and gets the loading page
   (200, no-store); other requests get 503 + Retry-After; a WebSocket upgrade gets 503,
-  which the IDE's reconnect logic retries.
+  which the IDE's reconnect logic retries, and wakes nothing (the retries of a tab nobody
+  uses would keep its workspace up forever): with gateway.activity = "input" the tab's
+  first key or click reports to `<root>/_codehub/activity`, which wakes it, and the tab
+  reloads onto the loading page (presence.py).
+- With gateway.activity = "input", the workbench document (`<root>/` loaded by a
+  browser) gets the presence script, served at `<root>/_codehub/presence.js`.
 - COLD (or being archived or restored): 502 and the archived page; ERROR: 502 with the
   recorded reason; being deleted: 502; unknown workspace: 404.
 - A running workspace that refuses the connection: its row is read again; if it is no
@@ -42,7 +47,6 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
@@ -54,6 +58,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..interfaces import HintBus, InstanceController
+from ..metrics import STEPPED_DOWN_UNDER_OPEN_TAB
 from ..model import DesiredState, Operation, Status
 from ..store import Store
 from . import auth, events, limits, signin
@@ -61,6 +66,8 @@ from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
 from .origins import Origins, is_local
 from .pages import Pages, plain, wants_html
+from .peers import Peers
+from .presence import ACTIVITY_PATH, SCRIPT_PATH, Presence
 from .proxy import Forwarding, proxy_http
 from .routes import DatabaseUnavailable, Route, RouteTable
 from .upstream import UpstreamError, UpstreamPool
@@ -111,8 +118,7 @@ class Gateway:
         self.origins = Origins(cfg.server.public_url, g.workspace_host)
         self.cookie_name = (HOST_COOKIE_NAME if self.origins.host_mode and self.public_https
                             else COOKIE_NAME)
-        self._trusted_networks = tuple(ipaddress.ip_network(n) for n in g.trusted_proxies)
-        self._trusted: dict[str, bool] = {}
+        self.peers = Peers(g.trusted_proxies)
         self.retry_after = g.wake_retry_after
         self.health_path = cfg.docker.health_path
         self.events_poll_interval = g.events_poll_interval
@@ -131,7 +137,11 @@ class Gateway:
         self.stream_slots = limits.Slots(per_workspace=g.events_per_workspace,
                                                per_client=g.events_per_client)
         self.activity = Activity(store, interval=g.activity_flush_interval,
-                                 keep_sockets_active=g.websocket_keeps_active)
+                                 keep_sockets_active=g.websocket_keeps_active,
+                                 sort_sockets=g.activity == "input")
+        self.presence = Presence(pages.directory, self.activity, enabled=g.activity == "input",
+                                 default_warm_ttl=cfg.reconciler.default_warm_ttl)
+        self._stepped_down: dict[str, int] = {}  # counted: workspace id -> its generation
         self._verified: dict[str, _Verified] = {}
         # Relayed WebSockets by workspace: the handler task and its cookie's nonce.
         self._sockets: dict[str, dict[asyncio.Task[Any], str]] = {}
@@ -212,7 +222,9 @@ class Gateway:
             return plain(502, "The workspace is archived (COLD) and must be restored.")
         # Waking: WARM, NEW, or RUNNING without a reachable upstream yet.
         if is_upgrade(request) or not wants_html(request):
-            return plain(503, "The workspace is starting.", retry_after=self.retry_after)
+            return plain(503, "The workspace is starting." if ws.desired_state is
+                         DesiredState.RUNNING else "The workspace is resting (stepped down); "
+                         "a page load in a browser wakes it.", retry_after=self.retry_after)
         if request.method == "GET" and ws.desired_state is not DesiredState.RUNNING:
             try:
                 await self.wake(workspace_id)
@@ -271,23 +283,17 @@ class Gateway:
         """Does the workspace's health check answer 2xx through the gateway's own path?"""
         return healthy(self.session, route, self.health_path)
 
-    def client_address(self, fwd: Forwarding) -> str:
-        """Who the client is: the peer, or behind trusted proxies the right-most address
-        of X-Forwarded-For that is not one of them."""
-        if not fwd.trusted:
-            return fwd.forwarded_for
-        hops = [h.strip() for h in fwd.forwarded_for.split(",")]
-        for hop in reversed(hops):
-            if hop and not self.trusted(hop):
-                return hop
-        return hops[0]
-
     async def own_endpoint(self, request: web.Request, workspace_id: str, target: str,
-                           fwd: Forwarding) -> web.StreamResponse:
+                           fwd: Forwarding, route: Route) -> web.StreamResponse:
         path = target.partition("?")[0]
+        if self.presence.enabled:
+            if path == ACTIVITY_PATH and request.method == "POST":
+                return await self.presence.report(workspace_id, route, self.wake)
+            if path == SCRIPT_PATH and request.method == "GET":
+                return self.presence.script_response()
         if path == "/_codehub/events" and request.method == "GET":
             return await events.events(request, workspace_id, self.watchers,
-                                       self.stream_slots, self.client_address(fwd))
+                                       self.stream_slots, self.peers.client_address(fwd))
         if path == "/_codehub/status" and request.method == "GET":
             return await events.status(self.routes, self.ready, workspace_id)
         return plain(404, "Not found.")
@@ -313,23 +319,6 @@ class Gateway:
             if worst.verdict is Verdict.MISSING or cred.verdict is Verdict.EXPIRED:
                 worst = cred
         return worst
-
-    def trusted(self, remote: str | None) -> bool:
-        """Is the peer one of gateway.trusted_proxies? (cached per address)"""
-        if not self._trusted_networks or not remote:
-            return False
-        known = self._trusted.get(remote)
-        if known is None:
-            try:
-                address = ipaddress.ip_address(remote)
-            except ValueError:
-                known = False
-            else:
-                known = any(address in net for net in self._trusted_networks)
-            if len(self._trusted) >= VERIFIED_CACHE:
-                self._trusted.clear()
-            self._trusted[remote] = known
-        return known
 
     def cross_site(self, request: web.Request, workspace_id: str, fwd: Forwarding,
                    upgrade: bool) -> web.Response | None:
@@ -361,7 +350,7 @@ class Gateway:
         `workspace_id`. The caller has checked that both are well formed."""
         remote = request.remote or ""
         fwd = Forwarding(request, self.origins.prefix(workspace_id),
-                         trusted=self.trusted(remote), remote=remote)
+                         trusted=self.peers.trusted(remote), remote=remote)
         upgrade = is_upgrade(request)
         refused = self.cross_site(request, workspace_id, fwd, upgrade)
         if refused is not None:
@@ -391,21 +380,23 @@ class Gateway:
         if ws is not None and ws.access_nonce != cred.nonce:
             return self.denied(request, workspace_id, Verdict.REVOKED)
         if target.startswith("/_codehub/"):
-            return await self.own_endpoint(request, workspace_id, target, fwd)
+            return await self.own_endpoint(request, workspace_id, target, fwd, route)
         if not route.host:
             return await self.state_answer(request, workspace_id, route)
         self.activity.mark(workspace_id)
         if upgrade:
             return await self.websocket(request, workspace_id, route, target, fwd, cred.nonce)
+        # The workbench document gets the presence script (presence.py), once per tab.
+        proxy = self.presence.workbench if self.presence.wants(request, target) else proxy_http
         try:
-            return await proxy_http(self.pool, request, route.host, route.port, target, fwd)
+            return await proxy(self.pool, request, route.host, route.port, target, fwd)
         except UpstreamError as exc:
             return await self.unreachable(request, workspace_id, str(exc))
 
     async def websocket(self, request: web.Request, workspace_id: str, route: Route,
                         target: str, fwd: Forwarding, nonce: str) -> web.StreamResponse:
         url = f"ws://{route.host}:{route.port}{target}"
-        client = self.client_address(fwd)
+        client = self.peers.client_address(fwd)
         refused = self.ws_slots.take(workspace_id, client)
         if refused is not None:
             return limits.too_many_websockets(refused, self.ws_slots)
@@ -431,6 +422,7 @@ class Gateway:
                 sockets.pop(task, None)
             if not sockets and self._sockets.get(workspace_id) is sockets:
                 del self._sockets[workspace_id]
+                self._stepped_down.pop(workspace_id, None)
 
     def recheck_sockets(self, workspace_id: str | None) -> None:
         """After a hint: relayed WebSockets whose cookie's nonce is no longer the row's
@@ -448,6 +440,11 @@ class Gateway:
         except DatabaseUnavailable:
             return  # nothing is known to have changed; the next hint or resync tells
         current = ws.access_nonce if ws is not None else None
+        if (ws is not None and ws.status is Status.RUNNING and workspace_id in self._sockets
+                and ws.desired_state in (DesiredState.WARM, DesiredState.COLD)
+                and self._stepped_down.get(workspace_id) != ws.generation):
+            self._stepped_down[workspace_id] = ws.generation  # once per step-down
+            STEPPED_DOWN_UNDER_OPEN_TAB.inc()
         for task, nonce in list(self._sockets.get(workspace_id, {}).items()):
             if nonce != current:
                 task.cancel()  # the relay's own cleanup closes both sides

@@ -72,6 +72,7 @@ def _own_or_ours(directory: Path, name: str) -> str:
 
 class Pages:
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
         css = (directory / "codehub.css").read_text(encoding="utf-8")
         js = (directory / "codehub.js").read_text(encoding="utf-8")
         portal_js = _own_or_ours(directory, "portal.js")

@@ -198,7 +198,7 @@ async def _send_body(request: web.BaseRequest, conn: UpstreamConnection, chunked
         conn.write(b"0\r\n\r\n")
 
 
-async def _exchange(pool: UpstreamPool, request: web.BaseRequest, host: str, port: int,
+async def exchange(pool: UpstreamPool, request: web.BaseRequest, host: str, port: int,
                     head: bytes, body: str) -> UpstreamConnection:
     """Send the request; return the connection once the response head arrived."""
     head_only = request.method == "HEAD"
@@ -235,7 +235,7 @@ async def proxy_http(pool: UpstreamPool, request: web.Request, host: str, port: 
     body = _body_mode(request)
     head = request_head(request, target, fwd, host, port, body)
     try:
-        conn = await _exchange(pool, request, host, port, head, body)
+        conn = await exchange(pool, request, host, port, head, body)
     except UpstreamError:
         PROXY_ERRORS.inc()
         raise

@@ -319,8 +319,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     except _DB_DOWN:
         return _error(503, "unavailable", "CodeHub cannot reach its database; try again")
     remote = request.remote or ""
-    client = gw.client_address(Forwarding(request, "", trusted=gw.trusted(remote),
-                                          remote=remote))
+    client = gw.peers.client_address(Forwarding(request, "", trusted=gw.peers.trusted(remote),
+                                                remote=remote))
     return await events.events(request, request.match_info["wid"], gw.watchers,
                                gw.stream_slots, client)
 

@@ -19,10 +19,14 @@ Guarantees:
 - `Tunnel.run` returns only when both connections are lost; cancelling it (revocation,
   shutdown) aborts both TCP connections. Closing is bounded: a connection that cannot
   flush its buffer within CLOSE_WAIT of being closed is aborted.
-- Activity: the bytes read (either direction) mark the workspace active at most once per
-  MARK_EVERY seconds per side (one clock read and compare per chunk, no per-frame
-  work). `Side.data_received` is the one per-chunk hook (where frame inspection, if ever
-  needed, belongs).
+- Activity: a chunk read (either direction) that counts marks the workspace active, at
+  most once per MARK_EVERY seconds per side (one clock read and compare per chunk; a
+  chunk is looked at only when a mark is due). With `sort_activity` off
+  (gateway.activity = "traffic") every chunk counts. With it on ("input"), the
+  browser's first chunk decides: a socket that speaks VS Code's protocol counts only
+  the chunks `idle.counts` says a person caused (not keep-alives, acks, small background
+  messages); any other socket counts every chunk (the fallback for custom images).
+  `Side.data_received` is the one per-chunk hook.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import asyncio
 import os
 from collections.abc import Callable
 from typing import cast
+
+from . import idle
 
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
@@ -75,8 +81,9 @@ def ends_with_close_frame(tail: bytes, *, masked: bool) -> bool:
 class Side(asyncio.Protocol):
     """One TCP connection of the tunnel; reads from it are written to `peer`."""
 
-    __slots__ = ("buffer", "clock", "lost", "mark", "masked", "next_mark", "on_lost", "peer",
-                 "prev", "read_done", "tail", "transport", "tunnel", "waiter", "writing_paused")
+    __slots__ = ("buffer", "clock", "counts_all", "lost", "mark", "masked", "next_mark",
+                 "on_lost", "peer", "prev", "read_done", "tail", "transport", "tunnel",
+                 "waiter", "writing_paused")
 
     def __init__(self, tunnel: Tunnel, *, masked: bool) -> None:
         self.tunnel = tunnel
@@ -86,6 +93,7 @@ class Side(asyncio.Protocol):
         self.clock = tunnel.loop.time
         self.next_mark = 0.0
         self.mark = tunnel.mark
+        self.counts_all = not tunnel.sort_activity  # every chunk marks (no need to look)
         self.tail = b""  # the last two reads: where a closing frame would be
         self.prev = b""
         self.read_done = False
@@ -115,7 +123,7 @@ class Side(asyncio.Protocol):
             peer.transport.write(data)
         self.prev, self.tail = self.tail, data
         now = self.clock()
-        if now >= self.next_mark:
+        if now >= self.next_mark and (self.counts_all or self.tunnel.counts(self, data)):
             self.next_mark = now + MARK_EVERY
             self.mark()
 
@@ -178,9 +186,12 @@ class Side(asyncio.Protocol):
 class Tunnel:
     """Joins a browser connection (masked frames) to a workspace connection."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, mark: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, mark: Callable[[], None], *,
+                 sort_activity: bool = False) -> None:
         self.loop = loop
         self.mark = mark
+        self.sort_activity = sort_activity
+        self.vscode: bool | None = None  # undecided until the browser's first chunk
         self.browser = Side(self, masked=True)
         self.upstream = Side(self, masked=False)
         self._ended = 0
@@ -188,6 +199,16 @@ class Tunnel:
         self._done: asyncio.Future[None] = loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         self._discarded = False
+
+    def counts(self, side: Side, data: bytes) -> bool:
+        """Does this chunk mark the workspace active (the socket's activity is sorted)?"""
+        if self.vscode:
+            return idle.counts(data, masked=side.masked)
+        if self.vscode is None and side.masked:
+            self.vscode = idle.speaks_vscode(data)
+            if not self.vscode:  # not code-server's protocol: all traffic counts
+                self.browser.counts_all = self.upstream.counts_all = True
+        return True  # undecided: the workspace's bytes before the browser's first
 
     def join(self) -> None:
         """Wire both sides (both transports attached); flush what was read meanwhile."""

@@ -23,7 +23,8 @@ Guarantees:
 - When either side is gone both are closed before `relay` returns: no task and no socket
   outlives the relayed connection (a test counts them); the relay adds no task.
 - The byte flow (either direction) marks the workspace active, at most once per second
-  per direction.
+  per direction: every chunk with gateway.activity = "traffic"; with "input" only what
+  a person caused on a socket of code-server's protocol (tunnel.py, idle.py).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
         raise UpstreamRefused(400, "not a valid WebSocket upgrade (Sec-WebSocket-Key, "
                                    "Sec-WebSocket-Version: 13)")
     loop = asyncio.get_running_loop()
-    tunnel = Tunnel(loop, lambda: activity.mark(workspace_id))
+    tunnel = Tunnel(loop, lambda: activity.mark(workspace_id),
+                    sort_activity=activity.sort_sockets)
     up = tunnel.upstream
     offered = _offered_protocols(request)
     key = base64.b64encode(os.urandom(16)).decode()

@@ -86,9 +86,11 @@ class SlowStart:
 
 
 @contextlib.asynccontextmanager
-async def real_reconciler(stack: Stack, tmp_path: Path) -> AsyncIterator[None]:
+async def real_reconciler(stack: Stack, tmp_path: Path, *, ttl_sweep_interval: float = 3600,
+                          ) -> AsyncIterator[None]:
     """The real reconciler (Controller + Reconciler + Docker volumes + local archives),
-    sharing the gateway's store and hint bus, as `codehub serve` wires them."""
+    sharing the gateway's store and hint bus, as `codehub serve` wires them; its TTL sweep
+    runs every `ttl_sweep_interval` seconds."""
     docker = aiodocker.Docker(url=stack.up.docker_url)
     instances = controller(stack.up, docker)
     objects = LocalObjectStore(tmp_path / "objects")
@@ -101,7 +103,8 @@ async def real_reconciler(stack: Stack, tmp_path: Path) -> AsyncIterator[None]:
                             on_change=stack.hints.publish)
     ctl = Controller(reconciler=reconciler, store=stack.store, hints=stack.hints,
                      instances=instances, storage=storage, objects=None, clock=SystemClock(),
-                     schedule=Schedule(workers=2, resync_interval=1, ttl_sweep_interval=3600))
+                     schedule=Schedule(workers=2, resync_interval=1,
+                                       ttl_sweep_interval=ttl_sweep_interval))
     # No orphan sweep here: this module's shared echo container has no row in this test's
     # database, and the sweep would rightly remove it.
     ctl.remove_orphans = _no_orphans  # type: ignore[method-assign]

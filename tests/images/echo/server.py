@@ -55,7 +55,9 @@ WebSocket (any path when the request is a GET upgrade, e.g. ``/_echo/ws``)
 - The first subprotocol offered in Sec-WebSocket-Protocol (over all such headers) is
   accepted; no extension (permessage-deflate) is negotiated.
 - Text and binary messages are echoed unchanged, fragmented ones reassembled; no message
-  size limit. Pings are answered with pongs carrying the same payload.
+  size limit. Pings are answered with pongs carrying the same payload. A frame under
+  64 KiB is written in one write (head and payload together), as browsers and
+  code-server do.
 - Text ``close:<code>``: the server sends a close frame with that code (reason ``"bye"``),
   waits up to 5 s for the client's close frame, then closes the connection.
 - Text ``headers``: the server answers a text message, JSON ``[[name, value], ...]`` of the
@@ -469,8 +471,11 @@ async def ws_send(writer: asyncio.StreamWriter, opcode: int, payload: bytes) -> 
         head = struct.pack("!BBH", 0x80 | opcode, 126, n)
     else:
         head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
-    writer.write(head)
-    writer.write(payload)
+    if n < 1 << 16:  # one write, as browsers and code-server send a frame
+        writer.write(head + payload)
+    else:
+        writer.write(head)
+        writer.write(payload)
     await writer.drain()
 
 
