@@ -437,6 +437,11 @@ class OidcConfig:
         60, "Seconds of clock difference tolerated when checking exp and iat.", lo=0, hi=600)
     http_timeout: float = setting(10.0, "Seconds for each request to the provider.",
                                   lo=0.1, hi=300)
+    allow_path_mode: bool = setting(
+        False, "Allow sign-in without gateway.workspace_host. In path mode every workspace "
+        "shares CodeHub's own origin, so a page one person's workspace serves acts with the "
+        "session of whoever visits it (opens their workspaces, signs them in as someone "
+        "else): only for deployments whose users all trust each other.")
     self_service_create: bool = setting(
         False, "Signed-in people may create workspaces of their own on the self-service page "
         "(at /), up to max_workspaces_per_owner; admins are not limited.")
@@ -648,6 +653,11 @@ def load(path: str | os.PathLike[str] | None = None,
             raise ConfigError("auth.oidc.issuer: needs server.public_url (http:// or "
                               "https://): the redirect URL registered at the provider is "
                               "built from it")
+        if not cfg.gateway.workspace_host and not oidc.allow_path_mode:
+            raise ConfigError("auth.oidc.issuer: needs gateway.workspace_host (an origin per "
+                              "workspace): in path mode a workspace's page can act with its "
+                              "visitors' sessions; set auth.oidc.allow_path_mode = true only "
+                              "if every user trusts every other")
     return cfg
 
 

@@ -59,10 +59,17 @@ _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
 
 
-def request_id_of(header: str | None) -> str:
-    if header is not None and _REQUEST_ID.fullmatch(header):
-        return header
+well_formed_request_id = _REQUEST_ID.fullmatch
+
+
+def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
+
+
+def request_id_of(header: str | None) -> str:
+    if header is not None and well_formed_request_id(header):
+        return header
+    return new_request_id()
 
 
 class JsonFormatter(logging.Formatter):

@@ -144,6 +144,7 @@ def test_workspace_origins_and_trusted_proxies_are_checked(env: dict[str, str], 
 
 
 OIDC = {"CODEHUB_SERVER__PUBLIC_URL": "https://code.example.com",
+        "CODEHUB_GATEWAY__WORKSPACE_HOST": "{id}.ws.example.com",
         "CODEHUB_AUTH__OIDC__ISSUER": "https://id.example.com/realms/x",
         "CODEHUB_AUTH__OIDC__CLIENT_ID": "codehub",
         "CODEHUB_AUTH__OIDC__CLIENT_SECRET": "s3cret-9d1e"}
@@ -152,7 +153,8 @@ OIDC = {"CODEHUB_SERVER__PUBLIC_URL": "https://code.example.com",
 def test_oidc_table_is_read_from_file_and_environment(tmp_path: Path) -> None:
     p = write(tmp_path, '[server]\npublic_url = "http://127.0.0.1:8000"\n[auth.oidc]\n'
                         'issuer = "http://127.0.0.1:5556"\nclient_id = "a"\n'
-                        'client_secret = "b"\nadmin_groups = ["admins"]\n')
+                        'client_secret = "b"\nadmin_groups = ["admins"]\n'
+                        'allow_path_mode = true\n')
     cfg = config.load(p, env={"CODEHUB_AUTH__OIDC__SCOPES": "openid,email,groups"})
     assert cfg.auth.oidc.enabled and cfg.auth.oidc.issuer == "http://127.0.0.1:5556"
     assert cfg.auth.oidc.admin_groups == ["admins"]
@@ -180,6 +182,15 @@ def test_bad_oidc_setting_names_its_key(env: dict[str, str], message: str) -> No
     with pytest.raises(config.ConfigError) as err:
         config.load(None, env=env)
     assert message in str(err.value)
+
+
+def test_sign_in_without_an_origin_per_workspace_is_refused_unless_allowed() -> None:
+    path_mode = {k: v for k, v in OIDC.items() if k != "CODEHUB_GATEWAY__WORKSPACE_HOST"}
+    with pytest.raises(config.ConfigError, match=r"auth\.oidc\.issuer: needs "
+                       r"gateway\.workspace_host"):
+        config.load(None, env=path_mode)
+    allowed = config.load(None, env={**path_mode, "CODEHUB_AUTH__OIDC__ALLOW_PATH_MODE": "1"})
+    assert allowed.auth.oidc.allow_path_mode and not allowed.gateway.workspace_host
 
 
 def test_oidc_unknown_key_in_file_names_it(tmp_path: Path) -> None:

@@ -36,8 +36,9 @@ from __future__ import annotations
 import contextlib
 
 from aiohttp import web
+from multidict import istr
 
-from ..logs import request_id_of
+from ..logs import new_request_id, well_formed_request_id
 from ..metrics import PROXY_ERRORS, PROXY_REQUESTS
 from .auth import names_our_cookie
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
@@ -52,6 +53,7 @@ _REPLACED = frozenset({
     b"cookie", b"expect", b"content-length", b"x-forwarded-for", b"x-forwarded-host",
     b"x-forwarded-proto", b"x-forwarded-prefix", b"x-request-id",
 })
+_X_REQUEST_ID = istr("X-Request-Id")
 # What a client says about where it came from: passed on only from a trusted proxy.
 _CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
 DROP_REQUEST = HOP_BY_HOP | _REPLACED | _CLAIMS
@@ -104,8 +106,10 @@ class Forwarding:
         if remote is None:
             remote = request.remote or ""
         headers = request.headers
-        # the client's own when well-formed, else a new one (logs.py)
-        self.request_id = request_id_of(headers.get("X-Request-Id"))
+        # the client's own when well-formed, else a new one (logs.request_id_of, inlined)
+        rid = headers.get(_X_REQUEST_ID)
+        self.request_id = rid if rid is not None and well_formed_request_id(
+            rid) else new_request_id()
         if trusted:
             prior = headers.getall("X-Forwarded-For", ())
             self.forwarded_for = ", ".join([*prior, remote]) if prior else remote
