@@ -176,7 +176,9 @@ def test_oidc_table_is_read_from_file_and_environment(tmp_path: Path) -> None:
      "auth.oidc.allowed_domains"),
     ({**OIDC, "CODEHUB_AUTH__OIDC__SESSION_TTL": "5"}, "auth.oidc.session_ttl: must be >= 60"),
     ({**OIDC, "CODEHUB_AUTH__OIDC__ISSUR": "x"}, "CODEHUB_AUTH__OIDC__ISSUR: unknown setting"),
-    ({**OIDC, "CODEHUB_SERVER__PUBLIC_URL": ""}, "auth.oidc.issuer: needs server.public_url"),
+    ({**OIDC, "CODEHUB_SERVER__PUBLIC_URL": "", "CODEHUB_GATEWAY__WORKSPACE_HOST": "",
+      "CODEHUB_AUTH__OIDC__ALLOW_PATH_MODE": "true"},
+     "auth.oidc.issuer: needs server.public_url"),
 ])
 def test_bad_oidc_setting_names_its_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(config.ConfigError) as err:
