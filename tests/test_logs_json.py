@@ -96,3 +96,73 @@ def test_every_line_of_a_json_serve_parses_and_none_holds_a_token_link_or_cookie
     assert any(p.get("request_id") and p.get("workspace_id") == "jl-1" for p in parsed)
     assert any(p["logger"] == "aiohttp.access" for p in parsed)  # DEBUG: the access log too
     assert proc.returncode == 0
+
+
+async def _sign_in(port: int) -> list[str]:
+    """Sign in as alice through the provider's own forms and open her workspace up to the
+    access-link exchange; the values of every cookie handed out on the way."""
+    import aiohttp
+    from harness import oidc
+
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        hops = await oidc.walk(http, f"http://127.0.0.1:{port}/w/jl-2/", user="alice",
+                               password=oidc.USERS["alice"],
+                               stop=lambda h: "access=" in h.url)
+        assert "access=" in hops[-1].url and hops[-1].status == 303, hops[-1]
+        values = [h.url.split("access=", 1)[1] for h in hops if "access=" in h.url]
+        for hop in hops:
+            values += [c.split(";", 1)[0].split("=", 1)[1] for c in hop.set_cookie
+                       if c.split("=", 1)[1].split(";", 1)[0]]
+    return values
+
+
+def test_a_json_serve_with_sign_in_logs_no_session_flow_or_workspace_cookie(
+        data_dir: Path) -> None:  # noqa: F811
+    import asyncio
+
+    from harness import oidc
+
+    port, tag = free_port(), "jo" + secrets.token_hex(3)
+    main = f"http://127.0.0.1:{port}"
+    provider = oidc.start_oidc_provider([main + "/_codehub/auth/callback"],
+                                        post_logout_redirect_uris=[
+                                            main + "/_codehub/auth/signed-out"])
+    env = base_env(CODEHUB_DATA_DIR=str(data_dir), CODEHUB_SERVER__PORT=str(port),
+                   CODEHUB_SERVER__PUBLIC_URL=main, CODEHUB_LOG_FORMAT="json",
+                   CODEHUB_LOG_LEVEL="DEBUG", CODEHUB_AUTH__ADMIN_TOKENS=TOKEN,
+                   CODEHUB_AUTH__OIDC__ISSUER=provider.issuer,
+                   CODEHUB_AUTH__OIDC__CLIENT_ID=oidc.CLIENT_ID,
+                   CODEHUB_AUTH__OIDC__CLIENT_SECRET=oidc.CLIENT_SECRET,
+                   CODEHUB_AUTH__OIDC__ALLOW_PATH_MODE="true",
+                   CODEHUB_DOCKER__CONTAINER_PREFIX=f"{tag}-ws-",
+                   CODEHUB_DOCKER__VOLUME_PREFIX=f"{tag}-home-",
+                   CODEHUB_DOCKER__NETWORK=f"{tag}-net")
+    proc = codehub("serve", env=env)
+    try:
+        wait_ready(port, proc)
+        status, _ = api(port, "POST", "/workspaces", {
+            "id": "jl-2", "owner": "alice@example.test", "desired_state": "WARM"})
+        assert status == 201
+        handed_out = asyncio.run(_sign_in(port))
+        assert len(handed_out) >= 3  # the flow and session cookies, the link, the cookie
+        assert api(port, "DELETE", "/workspaces/jl-2")[0] == 202
+        deadline = time.monotonic() + 60
+        while api(port, "GET", "/workspaces/jl-2")[0] != 404:
+            assert time.monotonic() < deadline, "the workspace was not purged"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        provider.close()
+    output = proc.stdout.read()  # type: ignore[union-attr]
+    lines = [line for line in output.splitlines() if line.strip()]
+    for line in lines:
+        orjson.loads(line)  # every line one JSON object
+        for secret in (TOKEN, oidc.CLIENT_SECRET, *handed_out):
+            assert secret not in line, f"a secret in the log: {line!r}"
+        assert "eyJ" not in line, f"a JWT (session, flow or ID token) in the log: {line!r}"
+    assert any("alice@example.test" in line and "sign" in line.lower() for line in lines)
+    assert proc.returncode == 0
