@@ -243,10 +243,10 @@ async def _finish(request: web.Request, si: SignIn, code: str, pending: PendingF
 
 def _cross_site(request: web.Request) -> bool:
     """Sent by another site's page (a navigation or a form): Sec-Fetch-Site says so, or,
-    for a POST, an Origin other than CodeHub's own."""
-    site = request.headers.get("Sec-Fetch-Site", "same-origin")
-    if site not in ("same-origin", "none"):
-        return True
+    from a browser without fetch metadata, a POST's Origin other than CodeHub's own."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:  # a browser with fetch metadata says it (our pages send Origin:
+        return site not in ("same-origin", "none")  # null: they are no-referrer)
     origin = request.headers.get("Origin")
     return request.method == "POST" and origin is not None and origin != _base(request)
 

@@ -143,6 +143,9 @@ async def test_archive_and_restore_progress_is_watched_live_on_the_page(
         leader.run_controller()
         await leader.wait_status("arc", Status.RUNNING, timeout=120)
         await leader.write_home("arc")
+        # incompressible bytes: archiving lasts long enough for the page to see it
+        await leader.exec("arc", 'import os; open("/home/coder/blob", "wb")'
+                                 '.write(os.urandom(48 << 20))')
         async with playwright_api.async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
