@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +30,20 @@ def api(port: int, method: str, path: str, body: Any = None,
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"null")
+
+
+def delete_and_stop(port: int, proc: subprocess.Popen[str], wid: str) -> list[str]:
+    """Delete `wid`, wait until it is purged (nothing left behind), SIGTERM the server,
+    and return the non-empty lines it wrote."""
+    assert api(port, "DELETE", f"/workspaces/{wid}")[0] == 202
+    deadline = time.monotonic() + 60
+    while api(port, "GET", f"/workspaces/{wid}")[0] != 404:
+        assert time.monotonic() < deadline, "the workspace was not purged"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=20)
+    output = proc.stdout.read()  # type: ignore[union-attr]
+    return [line for line in output.splitlines() if line.strip()]
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -70,20 +85,12 @@ def test_every_line_of_a_json_serve_parses_and_none_holds_a_token_link_or_cookie
         secrets_seen.append(cookie.split(";", 1)[0].split("=", 1)[1])
         assert api(port, "GET", "/workspaces/jl-1", token="wrong-token")[0] == 401
         assert api(port, "GET", "/workspaces/nope-1")[0] == 404
-        assert api(port, "DELETE", "/workspaces/jl-1")[0] == 202
-        deadline = time.monotonic() + 60
-        while api(port, "GET", "/workspaces/jl-1")[0] != 404:  # purged: nothing left behind
-            assert time.monotonic() < deadline, "the workspace was not purged"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        lines = delete_and_stop(port, proc, "jl-1")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    output = proc.stdout.read()  # type: ignore[union-attr]
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) > 10, output
+    assert len(lines) > 10, lines
     parsed = []
     for line in lines:
         try:
@@ -145,20 +152,12 @@ def test_a_json_serve_with_sign_in_logs_no_session_flow_or_workspace_cookie(
         assert status == 201
         handed_out = asyncio.run(_sign_in(port))
         assert len(handed_out) >= 3  # the flow and session cookies, the link, the cookie
-        assert api(port, "DELETE", "/workspaces/jl-2")[0] == 202
-        deadline = time.monotonic() + 60
-        while api(port, "GET", "/workspaces/jl-2")[0] != 404:
-            assert time.monotonic() < deadline, "the workspace was not purged"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        lines = delete_and_stop(port, proc, "jl-2")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         provider.close()
-    output = proc.stdout.read()  # type: ignore[union-attr]
-    lines = [line for line in output.splitlines() if line.strip()]
     for line in lines:
         orjson.loads(line)  # every line one JSON object
         for secret in (TOKEN, oidc.CLIENT_SECRET, *handed_out):
