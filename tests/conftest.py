@@ -56,6 +56,35 @@ def pytest_report_header(config: pytest.Config) -> str:
     return services.plan_summary()
 
 
+# Tests that take tens of seconds (mostly waiting: TTLs, 60 s outages, big volumes, real
+# code-server). The suite runs in parallel workers (scripts/test); handing these out first
+# lets the short tests fill in around them instead of leaving them as the run's tail.
+LONG_FIRST = (
+    "tests/gateway/test_gateway_idle_browser.py",
+    "tests/gateway/test_gateway_faults.py",
+    "tests/test_storage_volumes.py::test_archiving_and_restoring_a_2gb",
+    "tests/gateway/test_gateway_tunnel.py::test_a_1_gib_message",
+    "tests/test_isolation.py",
+    "tests/test_storage_volumes.py::test_round_trip",
+    "tests/test_gateway_image.py",
+    "tests/gateway/test_gateway_code_server",
+    "tests/test_dockerd_restart.py",
+    "tests/test_reconciler_chaos.py",
+    "tests/gateway/test_gateway_tunnel.py::test_idle_relayed_sockets",
+    "tests/test_serve.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The LONG_FIRST tests first, each group in its collection order."""
+    def rank(item: pytest.Item) -> int:
+        for i, prefix in enumerate(LONG_FIRST):
+            if item.nodeid.startswith(prefix):
+                return i
+        return len(LONG_FIRST)
+    items.sort(key=rank)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     lines = services.obtained_summary()
     if lines:

@@ -22,6 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 HEADER_TIMEOUT = 10.0
 DURATION = float(os.environ.get("CODEHUB_TEST_LOAD_DURATION", "60"))
+pytestmark = pytest.mark.alone  # its p99 and "longest without success" are its own load's
+
 NEEDED_FDS = 1000 + 256 + 50 + 2000 + 3000 + 1000  # clients, half-open, streams, headroom
 
 

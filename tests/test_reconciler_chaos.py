@@ -57,7 +57,7 @@ async def converge(stack: Stack, leader: Leader, wid: str, status: Status | None
             return
         if ws is not None and ws.status is status and ws.operation.value == "NONE":
             return
-        assert ws is None or ws.status is not Status.ERROR, ws
+        assert ws is None or ws.status is not Status.ERROR, (ws.error_message, ws)
         assert loop.time() < deadline, f"not converged to {status} in {timeout}s: {ws}"
         await asyncio.sleep(0.1)
 

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -85,13 +86,18 @@ async def _to_cold(stack: Stack, wid: str) -> None:
     await stack.wait_status(wid, Status.COLD)
 
 
+# A name made by another test's docker_prefix fixture (t + 7 hex): tests run in parallel.
+OTHER_RUN = re.compile(r"t[0-9a-f]{7}-")
+
+
 async def _volumes(stack: Stack) -> set[str]:
-    """The engine's volumes, but those CodeHub made for other test runs sharing the engine
-    (labelled as CodeHub's, named with another run's prefix): an archive sets no label."""
+    """The engine's volumes, but those made for other tests sharing the engine (labelled as
+    CodeHub's, or named with another test's prefix): an archive sets no label."""
     listed = (await stack.docker.volumes.list())["Volumes"] or []
     return {v["Name"] for v in listed
             if v["Name"].startswith(stack.prefix)
-            or (v.get("Labels") or {}).get(LABEL_MANAGED_BY) != "codehub"}
+            or ((v.get("Labels") or {}).get(LABEL_MANAGED_BY) != "codehub"
+                and not OTHER_RUN.match(v["Name"]))}
 
 
 async def test_a_hostile_archive_brings_back_only_the_users_own_files(stack: Stack) -> None:
