@@ -86,8 +86,9 @@ async def _to_cold(stack: Stack, wid: str) -> None:
     await stack.wait_status(wid, Status.COLD)
 
 
-# A name made by another test's docker_prefix fixture (t + 7 hex): tests run in parallel.
-OTHER_RUN = re.compile(r"t[0-9a-f]{7}-")
+# A name made by another test's prefix (docker_prefix: t + 7 hex; the gateway tests' stack:
+# g + 7 hex): tests run in parallel.
+OTHER_RUN = re.compile(r"[tg][0-9a-f]{7}-")
 
 
 async def _volumes(stack: Stack) -> set[str]:
