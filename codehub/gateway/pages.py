@@ -18,12 +18,12 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
-from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ..model import Workspace
+from ..view import workspace_state
 
 PACKAGE_STATIC = Path(__file__).resolve().parents[1] / "static"
 TEMPLATES = ("loading.html", "cold.html", "error.html", "portal.html")
@@ -33,23 +33,6 @@ NO_STORE = "no-store"
 
 def static_dir(configured: str) -> Path:
     return Path(configured).expanduser() if configured else PACKAGE_STATIC
-
-
-def describe(ws: Workspace | None, *, ready: bool = False) -> dict[str, Any]:
-    """The workspace as the loading page and the event stream show it."""
-    if ws is None:
-        return {"id": None, "status": "UNKNOWN", "ready": False}
-    progress = None
-    if ws.progress_phase:
-        progress = {"phase": ws.progress_phase, "done": ws.progress_done,
-                    "total": ws.progress_total}
-    error = None
-    if ws.error_message:
-        error = {"message": ws.error_message, "count": ws.error_count,
-                 "at": ws.error_at.isoformat() if ws.error_at else None}
-    return {"id": ws.id, "status": ws.status.value, "desired_state": ws.desired_state.value,
-            "operation": ws.operation.value, "progress": progress, "error": error,
-            "ready": ready}
 
 
 def _json_for_script(data: object) -> str:
@@ -103,7 +86,7 @@ class Pages:
 
     def loading(self, workspace_id: str, ws: Workspace | None, base: str) -> web.Response:
         """`base`: the path the workspace's root is served at (its events are below it)."""
-        state = describe(ws)
+        state = workspace_state(ws)
         body = self._render(
             "loading.html",
             {"workspace": workspace_id, "base": base},
@@ -112,14 +95,15 @@ class Pages:
 
     def cold(self, workspace_id: str, ws: Workspace | None) -> web.Response:
         archive = ""
-        if ws is not None and ws.archive_created_at is not None:
-            size = ws.archive_size or 0
-            archive = (f"Archived {ws.archive_created_at:%Y-%m-%d %H:%M} UTC, "
-                       f"{size / 1048576:.1f} MiB.")
+        shown = ws.archive if ws is not None else None
+        if shown is not None and shown.created_at is not None:
+            archive = (f"Archived {shown.created_at:%Y-%m-%d %H:%M} UTC, "
+                       f"{(shown.size or 0) / 1048576:.1f} MiB.")
         progress = ""
-        if ws is not None and ws.progress_phase:
-            done, total = ws.progress_done or 0, ws.progress_total
-            progress = f"{ws.progress_phase}: {done / 1048576:.1f} MiB" + (
+        moving = ws.progress if ws is not None else None
+        if moving is not None and moving.phase:
+            total = moving.total
+            progress = f"{moving.phase}: {moving.done / 1048576:.1f} MiB" + (
                 f" of {total / 1048576:.1f} MiB" if total else "")
         operation = ws.operation.value if ws is not None else "NONE"
         # While an archive or restore runs, the page refreshes itself to show progress.
