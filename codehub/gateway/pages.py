@@ -5,7 +5,7 @@ Guarantees:
 - Every page is one self-contained HTML response: the stylesheet and script from
   `static/` are inlined when the templates are loaded (once, at start-up), so a page needs
   no further request, no external font and no CDN, and renders even for a visitor without
-  a cookie.
+  a cookie. The four pages share one <head> (`static/head.html`, the `{{head}}` slot).
 - Every value put into a page is HTML-escaped; the state embedded for the loading page's
   script is JSON with `<`, `>` and `&` escaped, so no workspace data can break out.
 - Pages are never cached (`Cache-Control: no-store`): they describe a moment.
@@ -25,7 +25,16 @@ from aiohttp import web
 from ..model import Workspace
 from ..view import workspace_state
 
-PACKAGE_STATIC = Path(__file__).resolve().parents[1] / "static"
+
+def _package_static() -> Path:
+    """codehub/static in an installed wheel (setup.py maps the repository's static/ there);
+    the repository's static/ itself in a source tree, as an editable install runs."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "static"
+    return shipped if shipped.is_dir() else package.parent / "static"
+
+
+PACKAGE_STATIC = _package_static()
 TEMPLATES = ("loading.html", "cold.html", "error.html", "portal.html")
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
 NO_STORE = "no-store"
@@ -45,10 +54,10 @@ def wants_html(request: web.Request) -> bool:
 
 
 def _own_or_ours(directory: Path, name: str) -> str:
-    """A page of gateway.static_dir; the self-service page's files fall back to the
-    package's (a static_dir made before that page existed still works)."""
+    """A page of gateway.static_dir; the self-service page's files and the shared <head>
+    fall back to the package's (a static_dir made before they existed still works)."""
     path = directory / name
-    if not path.exists() and name.startswith("portal."):
+    if not path.exists() and (name.startswith("portal.") or name == "head.html"):
         path = PACKAGE_STATIC / name
     return path.read_text(encoding="utf-8")
 
@@ -59,9 +68,11 @@ class Pages:
         css = (directory / "codehub.css").read_text(encoding="utf-8")
         js = (directory / "codehub.js").read_text(encoding="utf-8")
         portal_js = _own_or_ours(directory, "portal.js")
+        # The <head> the pages share (charset, viewport, robots), before their own lines.
+        head = _own_or_ours(directory, "head.html").rstrip("\n")
         self._templates: dict[str, str] = {}
         for name in TEMPLATES:
-            text = _own_or_ours(directory, name)
+            text = _own_or_ours(directory, name).replace("{{head}}", head.replace("{{", "{ {"))
             # Inlined once here; a stylesheet or script can hold no "{{" of its own.
             self._templates[name] = (text.replace("{{css}}", css.replace("{{", "{ {"))
                                      .replace("{{js}}", js.replace("{{", "{ {"))
