@@ -255,7 +255,8 @@ class Failure:
 @dataclass(frozen=True, slots=True)
 class Progress:
     """How far the operation in flight is: `done` (0 before anything was counted) of
-    `total` (None: not known) in `phase`'s own unit (bytes for archive and restore)."""
+    `total` (None: not known) in `phase`'s own unit (bytes for archive and restore). What
+    an adapter reports (interfaces.ProgressCallback) and what a row shows."""
 
     phase: str
     done: int
