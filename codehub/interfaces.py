@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Protocol
 
 from .model import InstanceState, VolumeState
+from .model import Progress as Progress  # re-exported: the adapters report it
 
 
 class AdapterError(Exception):
@@ -65,13 +66,8 @@ class ArchiveInfo:
     created_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
-    phase: str  # e.g. "reading", "uploading", "verifying", "downloading", "extracting"
-    done: int
-    total: int | None
-
-
+# An adapter reports progress as the model's Progress (phase e.g. "reading", "uploading",
+# "verifying", "downloading", "extracting"); the reconciler records it on the row as is.
 ProgressCallback = Callable[[Progress], Awaitable[None] | None]
 
 

@@ -233,6 +233,35 @@ def restore_refusal(ws: Workspace) -> Refusal | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Archive:
+    """A workspace's archive in object storage (the one a restore reads)."""
+
+    key: str
+    size: int | None
+    sha256: str | None
+    created_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a workspace's last attempts failed, how often in a row, and when last."""
+
+    message: str
+    count: int
+    at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far the operation in flight is: `done` (0 before anything was counted) of
+    `total` (None: not known) in `phase`'s own unit (bytes for archive and restore). What
+    an adapter reports (interfaces.ProgressCallback) and what a row shows."""
+
+    phase: str
+    done: int
+    total: int | None
+
 
 @dataclass(frozen=True, slots=True)
 class Workspace:
@@ -272,3 +301,22 @@ class Workspace:
 
     def next_step(self, observed: Observed = NOT_OBSERVED) -> Step:
         return decide(self.desired_state, self.status, self.operation, observed)
+
+    @property
+    def archive(self) -> Archive | None:
+        if self.archive_key is None:
+            return None
+        return Archive(self.archive_key, self.archive_size, self.archive_sha256,
+                       self.archive_created_at)
+
+    @property
+    def failure(self) -> Failure | None:
+        if self.error_message is None:
+            return None
+        return Failure(self.error_message, self.error_count, self.error_at)
+
+    @property
+    def progress(self) -> Progress | None:
+        if self.progress_phase is None:
+            return None
+        return Progress(self.progress_phase, self.progress_done or 0, self.progress_total)

@@ -36,6 +36,8 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
 SIZE_ENFORCED = {
     "codehub.storage.volumes", "codehub.storage.codec", "codehub.storage.helpers",
     "codehub.storage.transport", "codehub.storage.restore_put", "codehub.storage.restore_tar",
+    "codehub.config", "codehub.config.fields", "codehub.config.sections",
+    "codehub.config.loader", "codehub.config.example", "codehub.model", "codehub.view",
 }
 
 

@@ -35,8 +35,6 @@ from .security import authenticate
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 # --- wiring ------------------------------------------------------------------------------
 
 _UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError,

@@ -51,8 +51,6 @@ from .schemas import (
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 # --- the table ---------------------------------------------------------------------------
 
 _ID_PARAM = Field("id", ID_SCHEMA, "Workspace id (lower-case DNS label, 1-63 characters).",

@@ -104,7 +104,7 @@ class Origins:
             self.public_origin = f"{parts.scheme}://{self.main_host}"
         self.scheme = parts.scheme if parts is not None and parts.scheme else "http"
         self.host_mode = bool(workspace_host)
-        # "{id}.ws.example.com:8443" -> ".ws.example.com:8443" (checked by config.py)
+        # "{id}.ws.example.com:8443" -> ".ws.example.com:8443" (checked by config/fields.py)
         self.suffix = _strip_default_port(self.scheme, workspace_host[4:].lower())
         self.secure = self.scheme == "https"
         # An access link keeps a path the public URL may carry (CodeHub behind /codehub/).

@@ -5,7 +5,7 @@ Guarantees:
 - Every page is one self-contained HTML response: the stylesheet and script from
   `static/` are inlined when the templates are loaded (once, at start-up), so a page needs
   no further request, no external font and no CDN, and renders even for a visitor without
-  a cookie.
+  a cookie. The four pages share one <head> (`static/head.html`, the `{{head}}` slot).
 - Every value put into a page is HTML-escaped; the state embedded for the loading page's
   script is JSON with `<`, `>` and `&` escaped, so no workspace data can break out.
 - Pages are never cached (`Cache-Control: no-store`): they describe a moment.
@@ -18,14 +18,23 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
-from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ..model import Workspace
+from ..view import workspace_state
 
-PACKAGE_STATIC = Path(__file__).resolve().parents[1] / "static"
+
+def _package_static() -> Path:
+    """codehub/static in an installed wheel (setup.py maps the repository's static/ there);
+    the repository's static/ itself in a source tree, as an editable install runs."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "static"
+    return shipped if shipped.is_dir() else package.parent / "static"
+
+
+PACKAGE_STATIC = _package_static()
 TEMPLATES = ("loading.html", "cold.html", "error.html", "portal.html")
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
 NO_STORE = "no-store"
@@ -33,23 +42,6 @@ NO_STORE = "no-store"
 
 def static_dir(configured: str) -> Path:
     return Path(configured).expanduser() if configured else PACKAGE_STATIC
-
-
-def describe(ws: Workspace | None, *, ready: bool = False) -> dict[str, Any]:
-    """The workspace as the loading page and the event stream show it."""
-    if ws is None:
-        return {"id": None, "status": "UNKNOWN", "ready": False}
-    progress = None
-    if ws.progress_phase:
-        progress = {"phase": ws.progress_phase, "done": ws.progress_done,
-                    "total": ws.progress_total}
-    error = None
-    if ws.error_message:
-        error = {"message": ws.error_message, "count": ws.error_count,
-                 "at": ws.error_at.isoformat() if ws.error_at else None}
-    return {"id": ws.id, "status": ws.status.value, "desired_state": ws.desired_state.value,
-            "operation": ws.operation.value, "progress": progress, "error": error,
-            "ready": ready}
 
 
 def _json_for_script(data: object) -> str:
@@ -62,10 +54,10 @@ def wants_html(request: web.Request) -> bool:
 
 
 def _own_or_ours(directory: Path, name: str) -> str:
-    """A page of gateway.static_dir; the self-service page's files fall back to the
-    package's (a static_dir made before that page existed still works)."""
+    """A page of gateway.static_dir; the self-service page's files and the shared <head>
+    fall back to the package's (a static_dir made before they existed still works)."""
     path = directory / name
-    if not path.exists() and name.startswith("portal."):
+    if not path.exists() and (name.startswith("portal.") or name == "head.html"):
         path = PACKAGE_STATIC / name
     return path.read_text(encoding="utf-8")
 
@@ -76,9 +68,11 @@ class Pages:
         css = (directory / "codehub.css").read_text(encoding="utf-8")
         js = (directory / "codehub.js").read_text(encoding="utf-8")
         portal_js = _own_or_ours(directory, "portal.js")
+        # The <head> the pages share (charset, viewport, robots), before their own lines.
+        head = _own_or_ours(directory, "head.html").rstrip("\n")
         self._templates: dict[str, str] = {}
         for name in TEMPLATES:
-            text = _own_or_ours(directory, name)
+            text = _own_or_ours(directory, name).replace("{{head}}", head.replace("{{", "{ {"))
             # Inlined once here; a stylesheet or script can hold no "{{" of its own.
             self._templates[name] = (text.replace("{{css}}", css.replace("{{", "{ {"))
                                      .replace("{{js}}", js.replace("{{", "{ {"))
@@ -103,7 +97,7 @@ class Pages:
 
     def loading(self, workspace_id: str, ws: Workspace | None, base: str) -> web.Response:
         """`base`: the path the workspace's root is served at (its events are below it)."""
-        state = describe(ws)
+        state = workspace_state(ws)
         body = self._render(
             "loading.html",
             {"workspace": workspace_id, "base": base},
@@ -112,14 +106,15 @@ class Pages:
 
     def cold(self, workspace_id: str, ws: Workspace | None) -> web.Response:
         archive = ""
-        if ws is not None and ws.archive_created_at is not None:
-            size = ws.archive_size or 0
-            archive = (f"Archived {ws.archive_created_at:%Y-%m-%d %H:%M} UTC, "
-                       f"{size / 1048576:.1f} MiB.")
+        shown = ws.archive if ws is not None else None
+        if shown is not None and shown.created_at is not None:
+            archive = (f"Archived {shown.created_at:%Y-%m-%d %H:%M} UTC, "
+                       f"{(shown.size or 0) / 1048576:.1f} MiB.")
         progress = ""
-        if ws is not None and ws.progress_phase:
-            done, total = ws.progress_done or 0, ws.progress_total
-            progress = f"{ws.progress_phase}: {done / 1048576:.1f} MiB" + (
+        moving = ws.progress if ws is not None else None
+        if moving is not None and moving.phase:
+            total = moving.total
+            progress = f"{moving.phase}: {moving.done / 1048576:.1f} MiB" + (
                 f" of {total / 1048576:.1f} MiB" if total else "")
         operation = ws.operation.value if ws is not None else "NONE"
         # While an archive or restore runs, the page refreshes itself to show progress.

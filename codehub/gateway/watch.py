@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 
 from ..model import DesiredState, Status
-from .pages import describe
+from ..view import workspace_state
 from .routes import DatabaseUnavailable, Route, RouteTable
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ async def read_state(routes: RouteTable, ready: Callable[[Route], Awaitable[bool
         route = await (routes.fresh(workspace_id) if fresh else routes.get(workspace_id))
     except DatabaseUnavailable:
         return None
-    return describe(route.workspace, ready=route.proxyable and await ready(route))
+    return workspace_state(route.workspace, ready=route.proxyable and await ready(route))
 
 
 def sse_frame(data: bytes) -> bytes:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import constants
 from ..clock import Clock
@@ -42,19 +42,20 @@ class Schedule:
     backoff_max: float = 300.0
 
 
+@dataclass(kw_only=True, eq=False)
 class Controller:
-    def __init__(self, *, reconciler: Reconciler, store: Store, hints: HintBus,
-                 instances: InstanceController, storage: StorageProvider,
-                 objects: ObjectStore | None, clock: Clock, schedule: Schedule) -> None:
-        self.reconciler = reconciler
-        self.store = store
-        self.hints = hints
-        self.instances = instances
-        self.storage = storage
-        self.objects = objects
-        self.clock = clock
-        self.schedule = schedule
-        self.queue: WorkQueue[str] | None = None
+    """The leader's loop (`lead`): workers, hints, resyncs and TTL sweeps feeding one queue.
+    `queue` is the queue while leading, else None."""
+
+    reconciler: Reconciler
+    store: Store
+    hints: HintBus
+    instances: InstanceController
+    storage: StorageProvider
+    objects: ObjectStore | None
+    clock: Clock
+    schedule: Schedule
+    queue: WorkQueue[str] | None = field(default=None, init=False)
 
     async def lead(self) -> None:
         q: WorkQueue[str] = WorkQueue(clock=self.clock, backoff_base=self.schedule.backoff_base,

@@ -111,18 +111,17 @@ class EventLog:
         os.close(self._fd)
 
 
+@dataclass(kw_only=True, eq=False)
 class Reconciler:
-    def __init__(self, *, store: Store, instances: InstanceController,
-                 storage: StorageProvider, clock: Clock, policy: Policy,
-                 on_change: Callable[[str], Awaitable[None]] | None = None,
-                 events: EventLog | None = None) -> None:
-        self.store = store
-        self.instances = instances
-        self.storage = storage
-        self.clock = clock
-        self.policy = policy
-        self.on_change = on_change
-        self.events = events
+    """Observe, decide, act, record, for one workspace at a time (`reconcile`)."""
+
+    store: Store
+    instances: InstanceController
+    storage: StorageProvider
+    clock: Clock
+    policy: Policy
+    on_change: Callable[[str], Awaitable[None]] | None = None
+    events: EventLog | None = None
 
     async def reconcile(self, workspace_id: str) -> Result:
         row = await self.store.get(workspace_id)

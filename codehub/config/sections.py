@@ -1,102 +1,28 @@
-"""Settings: a TOML file plus environment overrides, parsed into frozen dataclasses.
+"""The sections of CodeHub's settings, one frozen dataclass each, and `Config`, their root.
 
 Guarantees:
-- Parsing and validation happen here and nowhere else. Every other module receives typed,
-  already-valid values.
-- Every setting is one dataclass field with a default and a `doc`; `config.example.toml`
-  is generated from these fields (`codehub config example`), so it cannot drift.
-- Any bad input raises `ConfigError` whose message names the key (`section.key`) and what
-  is wrong with it: an unknown key, a wrong type, a value out of range.
-- Environment variables override the file: `CODEHUB_<SECTION>__<KEY>` (for example
-  `CODEHUB_SERVER__PORT=9000`, `CODEHUB_DATABASE__URL=postgresql://…`), and `CODEHUB_<KEY>`
-  for top-level keys (`CODEHUB_DATA_DIR`); a table inside a section doubles the separator
-  again (`CODEHUB_AUTH__OIDC__ISSUER`). Lists in the environment are comma-separated.
-- A section left out entirely (or an empty URL) selects the embedded default for it.
+- Every setting is one dataclass field declared with `setting()`: a default, a `doc` and
+  its valid range or check; `config.example.toml` is generated from these fields, so it
+  cannot drift.
+- A section's docstring is the comment of its table in the example file.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-import os
-import re
-import tomllib
-import typing
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
-from .constants import DOCKER_DEFAULT_CAPABILITIES
-
-ENV_PREFIX = "CODEHUB_"
-
-
-class ConfigError(Exception):
-    """A setting is wrong. The message is one line naming the key."""
-
-
-def setting(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
-            choices: tuple[str, ...] | None = None, secret: bool = False,
-            check: Callable[[Any], str | None] | None = None) -> Any:
-    """Declare one setting: its default, its documentation and its valid range. `check`
-    returns what is wrong with a value (None: nothing)."""
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "secret": secret,
-            "check": check}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _capabilities(value: list[str]) -> str | None:
-    bad = [c for c in value if c not in DOCKER_DEFAULT_CAPABILITIES]
-    return (f"{', '.join(map(repr, bad))} not in Docker's default set "
-            f"({', '.join(DOCKER_DEFAULT_CAPABILITIES)})") if bad else None
-
-
-def _uid_gid(value: str) -> tuple[int, int] | None:
-    uid, sep, gid = value.partition(":")
-    if not (sep and uid.isdigit() and gid.isdigit()):
-        return None
-    return int(uid), int(gid)
-
-
-def home_owner(value: str) -> tuple[int, int]:
-    """docker.home_owner as numbers (already checked)."""
-    parsed = _uid_gid(value)
-    assert parsed is not None
-    return parsed
-
-
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_WORKSPACE_HOST = re.compile(rf"\{{id\}}((?:\.{_LABEL})+)(:[0-9]{{1,5}})?")
-
-
-def _workspace_host(value: str) -> str | None:
-    if not value:
-        return None
-    m = _WORKSPACE_HOST.fullmatch(value)
-    if m is None or (m.group(2) and not 0 < int(m.group(2)[1:]) < 65536):
-        return ("expected {id} followed by a lower-case domain and an optional port, "
-                f"e.g. {{id}}.ws.example.com or {{id}}.ws.localhost:8000; got {value!r}")
-    return None
-
-
-def _networks(parse: Callable[[str], object], what: str,
-              ) -> Callable[[list[str]], str | None]:
-    def check(value: list[str]) -> str | None:
-        for cidr in value:
-            try:
-                parse(cidr)
-            except ValueError as exc:
-                return f"{cidr!r} is not an {what} network: {exc}"
-        return None
-    return check
-
-
-_ip_networks = _networks(ipaddress.ip_network, "IP")
-_ipv4_networks = _networks(ipaddress.IPv4Network, "IPv4")
+from .fields import (
+    check_capabilities,
+    check_domains,
+    check_ip_networks,
+    check_ipv4_networks,
+    check_issuer,
+    check_scopes,
+    check_workspace_host,
+    setting,
+    uid_gid,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +112,7 @@ class DockerConfig:
         "none: nothing (an internal network).", choices=("public", "none"))
     egress_allow: list[str] = setting(
         [], "IPv4 networks (CIDR) a workspace may reach despite egress = public's blocked "
-        "ranges: an internal DNS resolver, a package mirror or proxy.", check=_ipv4_networks)
+        "ranges: an internal DNS resolver, a package mirror or proxy.", check=check_ipv4_networks)
     firewall: str = setting(
         "iptables", "How workspaces are kept from each other, the host and private ranges. "
         "iptables: chains of CodeHub's in the host's DOCKER-USER and INPUT chains (needs "
@@ -198,7 +124,7 @@ class DockerConfig:
         lo=0, hi=4 << 20)
     cap_add: list[str] = setting(
         [], "Capabilities given back to workspaces after all are dropped (code-server needs "
-        "none).", check=_capabilities)
+        "none).", check=check_capabilities)
     read_only_root: bool = setting(
         True, "Workspaces get a read-only root file system and a private /tmp (tmpfs).")
     tmp_size_mib: int = setting(512, "Size of a workspace's /tmp in MiB (counts towards its "
@@ -219,7 +145,7 @@ class DockerConfig:
         check=lambda v: None if v.startswith("/") else "must be an absolute path")
     home_owner: str = setting(
         "1000:1000", "uid:gid of the workspace user (code-server's coder): owner of every "
-        "restored file.", check=lambda v: None if _uid_gid(v) else "expected uid:gid")
+        "restored file.", check=lambda v: None if uid_gid(v) else "expected uid:gid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,12 +253,12 @@ class GatewayConfig:
         "{id}.ws.example.com (a wildcard DNS name and certificate), with the scheme of "
         "server.public_url (required). Empty: path mode, every workspace under /w/{id}/ on "
         "one origin, where a page one workspace serves can reach the others through the "
-        "browser (single user, development).", check=_workspace_host)
+        "browser (single user, development).", check=check_workspace_host)
     trusted_proxies: list[str] = setting(
         [], "Peers (IP networks, e.g. 10.0.0.0/8) whose X-Forwarded-For/-Host/-Proto/-Prefix, "
         "Forwarded and X-Real-IP are passed on to workspaces. From any other peer the "
         "gateway sets X-Forwarded-* from what it saw and removes Forwarded and X-Real-IP.",
-        check=_ip_networks)
+        check=check_ip_networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,39 +288,6 @@ class LimitsConfig:
         "requests) before it is closed.", lo=1, hi=86400)
 
 
-def _issuer(value: str) -> str | None:
-    if not value:
-        return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or (
-            parts.fragment):
-        return f"expected an http(s) URL without query or fragment, got {value!r}"
-    if parts.scheme == "http" and not is_loopback_name(parts.hostname):
-        return f"must be https (http only on loopback), got {value!r}"
-    return None
-
-
-def is_loopback_name(host: str) -> bool:
-    """localhost, *.localhost, or a loopback address."""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _scopes(value: list[str]) -> str | None:
-    if "openid" not in value:
-        return "must include openid"
-    bad = [s for s in value if not s or any(c.isspace() or c == '"' for c in s)]
-    return f"not a scope: {bad[0]!r}" if bad else None
-
-
-def _domains(value: list[str]) -> str | None:
-    bad = [d for d in value if not d or "@" in d or d != d.strip().lower()]
-    return f"expected lower-case domain names without @, got {bad[0]!r}" if bad else None
-
 
 @dataclass(frozen=True, slots=True)
 class OidcConfig:
@@ -405,12 +298,12 @@ class OidcConfig:
 
     issuer: str = setting(
         "", "The provider's issuer URL (its discovery document is <issuer>/.well-known/"
-        "openid-configuration); needs server.public_url. Empty: no sign-in.", check=_issuer)
+        "openid-configuration); needs server.public_url. Empty: no sign-in.", check=check_issuer)
     client_id: str = setting("", "The client id CodeHub is registered with.")
     client_secret: str = setting("", "The client's secret (client_secret_basic).",
                                  secret=True)
     scopes: list[str] = setting(["openid", "email", "profile"],
-                                "Scopes asked for (openid is required).", check=_scopes)
+                                "Scopes asked for (openid is required).", check=check_scopes)
     user_claim: str = setting(
         "email", "The ID-token claim that names the person: compared with a workspace's "
         "owner. email and its domain count only when email_verified is true.",
@@ -420,7 +313,7 @@ class OidcConfig:
         [], "Only people in one of these groups may sign in. Empty: any group.")
     allowed_domains: list[str] = setting(
         [], "Only people whose verified email is in one of these domains may sign in. "
-        "Empty: any domain.", check=_domains)
+        "Empty: any domain.", check=check_domains)
     admin_groups: list[str] = setting(
         [], "People in one of these groups are admins: they open every workspace.")
     admins: list[str] = setting(
@@ -498,224 +391,3 @@ class Config:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
-
-
-def _sections(cls: type = Config, prefix: str = "") -> dict[str, type]:
-    """Every table by its dotted name (`auth`, `auth.oidc`), parents before children."""
-    hints = typing.get_type_hints(cls)
-    found: dict[str, type] = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            found[prefix + f.name] = hints[f.name]
-            found.update(_sections(hints[f.name], f"{prefix}{f.name}."))
-    return found
-
-
-def _coerce(key: str, kind: Any, value: Any, from_env: bool) -> Any:
-    """Turn a TOML value (or an environment string) into `kind`, or raise naming `key`."""
-    if typing.get_origin(kind) is list:
-        return _coerce_list(key, value, from_env)
-    if from_env:
-        value = _parse_env_scalar(key, kind, value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported setting type {kind!r}")  # pragma: no cover
-
-
-def _coerce_list(key: str, value: Any, from_env: bool) -> list[str]:
-    if from_env and isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-    return list(value)
-
-
-def _parse_env_scalar(key: str, kind: Any, raw: str) -> Any:
-    if kind is bool:
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
-    if kind is int:
-        try:
-            return int(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
-    if kind is float:
-        try:
-            return float(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
-    return raw
-
-
-def _check(key: str, f: dataclasses.Field[Any], value: Any) -> None:
-    lo, hi, choices = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("choices")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{key}: must be >= {lo:g}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}: must be <= {hi:g}, got {value!r}")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
-    check = f.metadata.get("check")
-    if check is not None and (problem := check(value)) is not None:
-        raise ConfigError(f"{key}: {problem}")
-
-
-def _build(cls: type, prefix: str, table: Mapping[str, Any],
-           env: Mapping[str, str], env_prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in table:
-        if k not in names:
-            raise ConfigError(f"{prefix}{k}: unknown key")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        kind = hints[f.name]
-        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-            sub = table.get(f.name, {})
-            if not isinstance(sub, dict):
-                raise ConfigError(f"{key}: expected a [{f.name}] table, got {sub!r}")
-            kwargs[f.name] = _build(kind, f"{key}.", sub, env, f"{env_prefix}{f.name.upper()}__")
-            continue
-        env_name = f"{env_prefix}{f.name.upper()}"
-        if env_name in env:
-            value = _coerce(f"{key} (from {env_name})", kind, env[env_name], from_env=True)
-        elif f.name in table:
-            value = _coerce(key, kind, table[f.name], from_env=False)
-        else:
-            continue
-        _check(key, f, value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def _unknown_env(env: Mapping[str, str]) -> None:
-    """Refuse CODEHUB_* variables that name no setting (a typo would otherwise be ignored)."""
-    known = {f"{ENV_PREFIX}{f.name.upper()}" for f in dataclasses.fields(Config)}
-    for sname, scls in _sections().items():
-        known.update(f"{ENV_PREFIX}{sname.upper().replace('.', '__')}__{f.name.upper()}"
-                     for f in dataclasses.fields(scls))
-    # Not settings: read by `codehub workspace ...` (client.py) and `--config`.
-    ignored = {"CODEHUB_FAILPOINT", "CODEHUB_CONFIG", "CODEHUB_API_URL", "CODEHUB_ADMIN_TOKEN"}
-    for name in env:
-        if (name.startswith(ENV_PREFIX) and name not in known and name not in ignored
-                and not name.startswith("CODEHUB_TEST_")):
-            raise ConfigError(f"{name}: unknown setting in the environment")
-
-
-def load(path: str | os.PathLike[str] | None = None,
-         env: Mapping[str, str] | None = None) -> Config:
-    """Read the TOML file (if any), apply environment overrides, validate everything."""
-    env = os.environ if env is None else env
-    table: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                table = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    _unknown_env(env)
-    cfg: Config = _build(Config, "", table, env, ENV_PREFIX)
-    if cfg.database.pool_min > cfg.database.pool_max:
-        raise ConfigError("database.pool_min: must be <= database.pool_max")
-    if cfg.gateway.workspace_host and not cfg.server.public_url.startswith(
-            ("http://", "https://")):
-        raise ConfigError("gateway.workspace_host: needs server.public_url (http:// or "
-                          "https://), whose scheme the workspace origins use")
-    if cfg.reconciler.backoff_base > cfg.reconciler.backoff_max:
-        raise ConfigError("reconciler.backoff_base: must be <= reconciler.backoff_max")
-    oidc = cfg.auth.oidc
-    if oidc.enabled:
-        for key in ("client_id", "client_secret"):
-            if not getattr(oidc, key):
-                raise ConfigError(f"auth.oidc.{key}: required when auth.oidc.issuer is set")
-        if not cfg.server.public_url.startswith(("http://", "https://")):
-            raise ConfigError("auth.oidc.issuer: needs server.public_url (http:// or "
-                              "https://): the redirect URL registered at the provider is "
-                              "built from it")
-        if not cfg.gateway.workspace_host and not oidc.allow_path_mode:
-            raise ConfigError("auth.oidc.issuer: needs gateway.workspace_host (an origin per "
-                              "workspace): in path mode a workspace's page can act with its "
-                              "visitors' sessions; set auth.oidc.allow_path_mode = true only "
-                              "if every user trusts every other")
-    return cfg
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def example_toml() -> str:
-    """The documented example file: every key, its default, what it does."""
-    out = ["# CodeHub configuration. Every key is shown with its default.",
-           "# Environment overrides: CODEHUB_<SECTION>__<KEY> (e.g. CODEHUB_SERVER__PORT=9000),",
-           "# CODEHUB_<KEY> for top-level keys. Lists in the environment are comma-separated.",
-           "# A section left out (or an empty url) selects the embedded default for it.", ""]
-
-    def emit(cls: type, obj: Any) -> None:
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
-                continue
-            doc = f.metadata["doc"]
-            extra = []
-            if f.metadata.get("choices"):
-                extra.append("one of " + ", ".join(f.metadata["choices"]))
-            if f.metadata.get("lo") is not None or f.metadata.get("hi") is not None:
-                extra.append(f"range {f.metadata['lo']:g}..{f.metadata['hi']:g}")
-            out.append(f"# {doc}" + (f" ({'; '.join(extra)})" if extra else ""))
-            out.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
-
-    defaults = Config()
-    emit(Config, defaults)
-    for sname, scls in _sections().items():
-        out.append("")
-        out.append(f"[{sname}]")
-        out.append("# " + " ".join((scls.__doc__ or "").split()))
-        obj: Any = defaults
-        for part in sname.split("."):
-            obj = getattr(obj, part)
-        emit(scls, obj)
-    return "\n".join(out) + "\n"
-
-
-def describe_secret_free(cfg: Config) -> dict[str, Any]:
-    """The settings with secrets masked, for logging at start-up."""
-    def walk(cls: type, obj: Any) -> dict[str, Any]:
-        res: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            v = getattr(obj, f.name)
-            if dataclasses.is_dataclass(v):
-                res[f.name] = walk(type(v), v)
-            elif f.metadata.get("secret") and v:
-                res[f.name] = "***"
-            else:
-                res[f.name] = v
-        return res
-    return walk(Config, cfg)
-
