@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import stat
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway_support import ADMIN_TOKEN, Stack, Upstream, client, open_stack
+from gateway_support import ADMIN_TOKEN, SIGNING_KEY, Stack, Upstream, client, open_stack
 
 from codehub import signing
+from codehub.clock import FakeClock
 from codehub.config import AuthConfig, Config, ServerConfig
 from codehub.gateway import auth
 from codehub.model import Status
@@ -151,6 +153,38 @@ def test_rotated_keys_the_first_signs_and_all_verify() -> None:
     assert verdict(KEYS, "w2", by_new, now) is Verdict.INVALID
     assert verdict(KEYS, "w1", by_new, now + 61) is Verdict.EXPIRED
     assert verdict(KEYS, "w1", None, now) is Verdict.MISSING
+
+
+async def test_a_cookie_and_the_cookie_a_link_gives_expire_on_the_gateways_clock(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path) -> None:
+    """Expiry is read from the injected Clock: a FakeClock moved past a cookie's lifetime
+    refuses it (also when it was verified, and cached, before), with no wait. The clock
+    starts at the real time: the admin API mints the link on the system's."""
+    clock = FakeClock(datetime.now(UTC))
+    async for stack in open_stack(database_url, echo_upstream, tmp_path, clock=clock,
+                                  auth_config=AuthConfig(signing_keys=[SIGNING_KEY],
+                                                         admin_tokens=[ADMIN_TOKEN],
+                                                         cookie_ttl=600)):
+        await stack.add()
+        short = stack.cookie(ttl=60)
+        link = await mint_link(stack, ttl_seconds=30)
+        async with client() as http:
+            async with http.get(link["url"], allow_redirects=False) as resp:
+                assert resp.status == 303
+                given = resp.headers["Set-Cookie"].split(";")[0]
+            for cookie in (short, given):
+                async with http.get(stack.url("/w/echo/"), headers={"Cookie": cookie}) as r:
+                    assert r.status == 200
+            await clock.advance(61)
+            async with http.get(stack.url("/w/echo/"), headers={"Cookie": short}) as resp:
+                assert resp.status == 403
+                assert "expired" in await resp.text()
+            async with http.get(stack.url("/w/echo/"), headers={"Cookie": given}) as resp:
+                assert resp.status == 200  # 600 s from the link's use, on the same clock
+            await clock.advance(540)
+            async with http.get(stack.url("/w/echo/"), headers={"Cookie": given}) as resp:
+                assert resp.status == 403
+                assert "expired" in await resp.text()
 
 
 async def test_the_gateway_cookie_never_reaches_the_workspace(stack: Stack) -> None:
