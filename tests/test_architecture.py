@@ -30,10 +30,10 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {}
 SIZE_ENFORCED = {
     "codehub.storage.volumes", "codehub.storage.codec", "codehub.storage.helpers",
     "codehub.storage.transport", "codehub.storage.restore_put", "codehub.storage.restore_tar",
-    "codehub.signing", "codehub.clock", "codehub.gateway", "codehub.gateway.access",
-    "codehub.gateway.activity", "codehub.gateway.auth", "codehub.gateway.handler",
-    "codehub.gateway.oidc", "codehub.gateway.selfservice", "codehub.gateway.sessions",
-    "codehub.gateway.signin", "codehub.gateway.websocket",
+    "codehub.signing", "codehub.clock", "codehub.origins", "codehub.gateway",
+    "codehub.gateway.access", "codehub.gateway.activity", "codehub.gateway.auth",
+    "codehub.gateway.handler", "codehub.gateway.oidc", "codehub.gateway.selfservice",
+    "codehub.gateway.sessions", "codehub.gateway.signin", "codehub.gateway.websocket",
 }
 
 

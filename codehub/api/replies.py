@@ -19,10 +19,10 @@ from aiohttp import web
 
 from .. import keys, signing
 from ..config import Config
-from ..gateway.origins import Origins
 from ..openapi import (
     ApiError,
 )
+from ..origins import Origins
 from ..store import Store
 from ..view import iso, workspace_json
 

@@ -1,17 +1,17 @@
 """The gateway: everything under /w/{workspace_id}/ (ARCHITECTURE.md "Gateway hot path").
 
 Modules, one concept each: `routes` (route table + hint consumer), `upstream` (pooled
-HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth` (access
-links and cookies), `origins` (path mode or an origin per workspace), `activity` (marks +
-batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits), `watch` (one
-watcher per workspace feeding all its event streams), `handler` (what each request gets),
-`access` (the workspace cookie checked, a link redeemed), `idle` (which relayed WebSocket
-bytes a person caused),
-`presence` (the workbench's script and its activity endpoint), `peers` (who the client
-is behind trusted proxies), and with `[auth.oidc]`: `oidc` (the relying party),
-`sessions` (signed session and flow cookies), `signin` (the sign-in routes),
-`selfservice` (the page at / and its JSON calls). Access links are minted by the admin
-API; links and cookies are signed by codehub/signing.py.
+HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth` (cookie
+names and headers), `access` (the workspace cookie checked, a link redeemed), `activity`
+(marks + batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits),
+`watch` (one watcher per workspace feeding all its event streams), `handler` (what each
+request gets), `idle` (which relayed WebSocket bytes a person caused), `presence` (the
+workbench's script and its activity endpoint), `peers` (who the client is behind trusted
+proxies), and with `[auth.oidc]`: `oidc` (the relying party), `sessions` (signed session
+and flow cookies), `signin` (the sign-in routes), `selfservice` (the page at / and its
+JSON calls). Access links are minted by the admin API; links and cookies are signed by
+codehub/signing.py; where a workspace is served (path mode or an origin of its own) is
+codehub/origins.py.
 
 In host mode (gateway.workspace_host) a middleware sends every request for a workspace's
 origin to the gateway before routing; `/w/{id}/...` on the main origin redirects (308) to
@@ -43,12 +43,12 @@ from .. import keys, revocations
 from ..clock import Clock, SystemClock
 from ..interfaces import InstanceController
 from ..model import WORKSPACE_ID
+from ..origins import HostKind, Origins
 from ..signing import load_keys
 from ..store import StoreUnavailable
 from . import selfservice, signin
 from .handler import MAX_ID_LENGTH, Gateway
 from .oidc import OidcClient
-from .origins import HostKind, Origins
 from .pages import Pages, plain, static_dir
 from .sessions import Scope, Signer
 

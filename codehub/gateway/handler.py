@@ -1,7 +1,7 @@
 """What a request for a workspace gets: checks, then the IDE, a state page, or a refusal.
 
 A workspace's root is `/w/{id}/` in path mode and `/` of its own origin in host mode
-(origins.py); below, `<root>` is that.
+(codehub/origins.py); below, `<root>` is that.
 
 Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
 - `/w/{id}` redirects to `/w/{id}/` (query kept); in host mode both redirect to the
@@ -59,13 +59,13 @@ from ..config import Config
 from ..interfaces import HintBus, InstanceController
 from ..metrics import STEPPED_DOWN_UNDER_OPEN_TAB
 from ..model import DesiredState, Operation, Status
+from ..origins import Origins, is_local
 from ..signing import SigningKeys, Verdict
 from ..store import Store
 from . import auth, events, limits, signin
 from .access import Access
 from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME
-from .origins import Origins, is_local
 from .pages import Pages, plain, wants_html
 from .peers import Peers
 from .presence import ACTIVITY_PATH, SCRIPT_PATH, Presence

@@ -37,17 +37,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import asyncpg
 from aiohttp import web
 
 from .. import revocations, signing
 from ..model import WORKSPACE_ID, DesiredState, Workspace
+from ..origins import Origins, is_local
 from ..signing import SigningKeys, Verdict
 from ..store import Store
 from .oidc import Flow, OidcClient, OidcError
-from .origins import Origins, is_local
 from .pages import Pages
 from .sessions import FLOW_TTL, PendingFlow, Scope, Signer
 
@@ -176,11 +176,7 @@ async def open_workspace(request: web.Request) -> web.StreamResponse:
 def access_url(si: SignIn, ws: Workspace, path: str = "/") -> str:
     """A fresh single-use access link (LINK_TTL) to `path` of the workspace."""
     token = signing.mint_access_link(si.keys, ws.id, ws.access_nonce, LINK_TTL, si.now())
-    origins = si.origins
-    root = (origins.workspace_origin(ws.id) if origins.host_mode
-            else origins.public_base + f"/w/{ws.id}")
-    sep = "&" if "?" in path else "?"
-    return f"{root}{path}{sep}access={quote(token)}"
+    return si.origins.access_url(ws.id, token, path=path)
 
 
 def _refused(request: web.Request, status: int, title: str, message: str,

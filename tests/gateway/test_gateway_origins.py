@@ -1,4 +1,4 @@
-"""Browser isolation at the gateway (codehub/gateway/origins.py, handler.py, proxy.py):
+"""Browser isolation at the gateway (codehub/origins.py, handler.py, proxy.py):
 an origin per workspace in host mode, Origin/Sec-Fetch-Site checks in both modes, and the
 headers a workspace and a browser never get from each other."""
 
