@@ -352,7 +352,7 @@ def serve_codehub(port: int, routes: dict[str, int]) -> None:
         app[keys.STORE] = StubStore()  # type: ignore[assignment]
         app[keys.HINTS] = InProcessHintBus()
         app[keys.INSTANCES] = StubInstances()
-        gateway.setup(app, instances=keys.INSTANCES, access_links=False)
+        gateway.setup(app, instances=keys.INSTANCES)
         runner = app_runner(cfg, app)
         await runner.setup()
         admission = limits.Admission(lifted, lifted.max_connections)

@@ -1,4 +1,4 @@
-"""Access links and workspace cookies (codehub/gateway/auth.py, links.py, handler.py)."""
+"""Access links and workspace cookies (codehub/signing.py, gateway/access.py, handler.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Credentials bound to a workspace's life (codehub/gateway/auth.py, handler.py, api.py):
+"""Credentials bound to a workspace's life (codehub/signing.py, gateway/handler.py, api/):
 a re-created id refuses the old ones, revoke-access cuts every replica within one hint, an
 access link works once."""
 
