@@ -365,11 +365,12 @@ async def _rows(database_url: str, running: int, warm: int
                 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     import asyncpg
 
+    from codehub import signing
     from codehub.gateway import auth
     from codehub.model import DesiredState, Operation, Status
     from codehub.store import Store, migrate
 
-    keys = auth.SigningKeys((SIGNING_KEY.encode(),))
+    keys = signing.SigningKeys((SIGNING_KEY.encode(),))
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     assert pool is not None
     out: dict[Status, list[tuple[str, str]]] = {Status.RUNNING: [], Status.WARM: []}
@@ -389,7 +390,7 @@ async def _rows(database_url: str, running: int, warm: int
                         wid, expect_status=Status.NEW, expect_operation=Operation.NONE,
                         status=status)
                     assert ws is not None
-                cookie = auth.mint_cookie(keys, wid, ws.access_nonce, 3600, time.time())
+                cookie = signing.mint_cookie(keys, wid, ws.access_nonce, 3600, time.time())
                 out[status].append((wid, f"{auth.COOKIE_NAME}={cookie}"))
     finally:
         await pool.close()

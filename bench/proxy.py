@@ -246,11 +246,15 @@ def start_python_child(children: Children, *args: str) -> int:
 MINT = """
 import inspect, sys, time
 from codehub.gateway import auth
-keys = auth.SigningKeys((sys.argv[1].encode(),))
+try:
+    from codehub import signing
+except ImportError:  # a tree from before codehub/signing.py: auth.py signed
+    signing = auth
+keys = signing.SigningKeys((sys.argv[1].encode(),))
 args = [keys, sys.argv[2]]
-if "nonce" in inspect.signature(auth.mint_cookie).parameters:
+if "nonce" in inspect.signature(signing.mint_cookie).parameters:
     args.append(sys.argv[3])
-print(auth.COOKIE_NAME + "=" + auth.mint_cookie(*args, 86400, time.time()))
+print(auth.COOKIE_NAME + "=" + signing.mint_cookie(*args, 86400, time.time()))
 """
 
 
@@ -348,7 +352,7 @@ def serve_codehub(port: int, routes: dict[str, int]) -> None:
         app[keys.STORE] = StubStore()  # type: ignore[assignment]
         app[keys.HINTS] = InProcessHintBus()
         app[keys.INSTANCES] = StubInstances()
-        gateway.setup(app, instances=keys.INSTANCES, access_links=False)
+        gateway.setup(app, instances=keys.INSTANCES)
         runner = app_runner(cfg, app)
         await runner.setup()
         admission = limits.Admission(lifted, lifted.max_connections)
@@ -585,13 +589,14 @@ def main() -> None:
         serve_floor(int(args.serve_floor))
         return
     sys.path.insert(0, str(ROOT))
+    from codehub import signing
     from codehub.gateway import auth
 
-    keys = auth.SigningKeys((SIGNING_KEY.encode(),))
-    cookie = f"{auth.COOKIE_NAME}=" + auth.mint_cookie(keys, "bench-http", BENCH_NONCE, 86400,
-                                                       time.time())
-    ws_cookie = f"{auth.COOKIE_NAME}=" + auth.mint_cookie(keys, "bench-ws", BENCH_NONCE, 86400,
-                                                          time.time())
+    keys = signing.SigningKeys((SIGNING_KEY.encode(),))
+    cookie = f"{auth.COOKIE_NAME}=" + signing.mint_cookie(keys, "bench-http", BENCH_NONCE,
+                                                          86400, time.time())
+    ws_cookie = f"{auth.COOKIE_NAME}=" + signing.mint_cookie(keys, "bench-ws", BENCH_NONCE,
+                                                             86400, time.time())
     raise_nofile(65536)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and args.idle > (hard - 300) // 2:

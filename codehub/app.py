@@ -40,7 +40,7 @@ def build_app(cfg: Config) -> web.Application:
     health.setup(app)
     metrics.setup(app)
     api.setup(app)
-    gateway.setup(app, instances=keys.INSTANCES, access_links=False)  # the API mints links
+    gateway.setup(app, instances=keys.INSTANCES)
     return app
 
 

@@ -18,6 +18,10 @@ class Clock(Protocol):
     def now(self) -> datetime:
         """Wall-clock time (UTC), for timestamps stored in the database."""
 
+    def time(self) -> float:
+        """The same wall-clock time in Unix seconds: a cheap read for hot paths (cookie
+        expiry on every proxied request)."""
+
     def monotonic(self) -> float:
         """Seconds for measuring intervals."""
 
@@ -28,6 +32,9 @@ class Clock(Protocol):
 class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+    def time(self) -> float:
+        return time.time()
 
     def monotonic(self) -> float:
         return time.monotonic()
@@ -47,6 +54,9 @@ class FakeClock:
 
     def now(self) -> datetime:
         return self._start + timedelta(seconds=self._t)
+
+    def time(self) -> float:
+        return self._start.timestamp() + self._t
 
     def monotonic(self) -> float:
         return self._t

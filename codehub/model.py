@@ -295,7 +295,7 @@ class Workspace:
     created_at: datetime
     updated_at: datetime
     home_size_limit_mib: int | None = None  # None: the global default
-    # Part of every access link and cookie of this workspace (gateway/auth.py): made with
+    # Part of every access link and cookie of this workspace (signing.py): made with
     # the row, replaced by revoke-access.
     access_nonce: str = ""
 

@@ -20,9 +20,8 @@ from aiohttp.test_utils import TestClient
 from apitools import SIGNING_KEY, RecordingHintBus, auth, make_app, make_config
 from openapi_spec_validator import validate as validate_openapi
 
-from codehub import api, keys
+from codehub import api, keys, signing
 from codehub.config import ReconcilerConfig, ServerConfig
-from codehub.gateway import auth as gateway_auth
 from codehub.model import DesiredState, Operation, Status
 from codehub.store import Store
 
@@ -547,15 +546,15 @@ async def test_access_link_is_signed_for_that_workspace_and_expires(client: Clie
     url = urlsplit(body["url"])
     assert url.path == "/w/w/" and url.netloc == f"{client.host}:{client.port}"
     token = parse_qs(url.query)["access"][0]
-    keys_ = gateway_auth.SigningKeys((SIGNING_KEY.encode(),))
-    assert gateway_auth.verify_access_link(keys_, "w", token, time.time()).verdict is \
-        gateway_auth.Verdict.OK
-    assert gateway_auth.verify_access_link(keys_, "other", token, time.time()).verdict is \
-        gateway_auth.Verdict.INVALID
+    keys_ = signing.SigningKeys((SIGNING_KEY.encode(),))
+    assert signing.verify_access_link(keys_, "w", token, time.time()).verdict is \
+        signing.Verdict.OK
+    assert signing.verify_access_link(keys_, "other", token, time.time()).verdict is \
+        signing.Verdict.INVALID
     expires = datetime.fromisoformat(body["expires_at"]).timestamp()
     assert before + 119 <= expires <= time.time() + 121
-    assert gateway_auth.verify_access_link(keys_, "w", token, expires + 1).verdict is \
-        gateway_auth.Verdict.EXPIRED
+    assert signing.verify_access_link(keys_, "w", token, expires + 1).verdict is \
+        signing.Verdict.EXPIRED
 
 
 async def test_access_link_defaults_to_link_ttl_and_uses_public_url(

@@ -23,8 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from apitools import LiveServer, auth, make_app, make_config
 
-from codehub import api, cli, client, keys
-from codehub.gateway import auth as gateway_auth
+from codehub import api, cli, client, keys, signing
 from codehub.model import DesiredState, Operation, Status
 
 Client = TestClient[web.Request, web.Application]
@@ -62,13 +61,13 @@ async def tokenless(database_url: str, aiohttp_client: Any) -> Client:
 def minted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Ids of the workspaces an access link was minted for."""
     ids: list[str] = []
-    real = gateway_auth.mint_access_link
+    real = signing.mint_access_link
 
     def spy(keys_: Any, workspace_id: str, *args: Any, **kw: Any) -> str:
         ids.append(workspace_id)
         return real(keys_, workspace_id, *args, **kw)
 
-    monkeypatch.setattr(gateway_auth, "mint_access_link", spy)
+    monkeypatch.setattr(signing, "mint_access_link", spy)
     return ids
 
 

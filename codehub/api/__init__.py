@@ -59,7 +59,7 @@ import orjson
 from aiohttp import web
 
 from .. import keys
-from ..gateway.origins import Origins
+from ..origins import Origins
 from .middleware import bind, errors
 from .replies import CONTEXT, Context, workspace_json
 from .routes import ROUTES, build_document

@@ -20,8 +20,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from .. import audit, desire, keys, model, revocations
-from ..gateway import auth as gateway_auth
+from .. import audit, desire, keys, model, revocations, signing
 from ..model import DesiredState, Refusal, Status, Workspace
 from ..openapi import (
     ApiError,
@@ -222,11 +221,11 @@ async def create_access_link(request: web.Request, args: Args) -> web.Response:
     ws = await _load(request, args.path["id"])
     _refuse_if_deleting(ws)
     if ctx.signing_keys is None:
-        ctx.signing_keys = gateway_auth.load_keys(ctx.config)
+        ctx.signing_keys = signing.load_keys(ctx.config)
     ttl = args.body.get("ttl_seconds") or ctx.config.auth.link_ttl
-    token = gateway_auth.mint_access_link(ctx.signing_keys, ws.id, ws.access_nonce, ttl,
-                                          time.time())
-    expires = datetime.fromtimestamp(gateway_auth.link_expiry(token), UTC)
+    token = signing.mint_access_link(ctx.signing_keys, ws.id, ws.access_nonce, ttl,
+                                     time.time())
+    expires = datetime.fromtimestamp(signing.link_expiry(token), UTC)
     log.info("api: access link minted for workspace %s (valid %ds, once)", ws.id, ttl)
     return json_reply({"url": ctx.origins.access_url(ws.id, token, str(request.url.origin())),
                   "expires_at": iso(expires)}, 201)

@@ -17,13 +17,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .. import keys
+from .. import keys, signing
 from ..config import Config
-from ..gateway import auth as gateway_auth
-from ..gateway.origins import Origins
 from ..openapi import (
     ApiError,
 )
+from ..origins import Origins
 from ..store import Store
 from ..view import iso, workspace_json
 
@@ -38,7 +37,7 @@ class Context:
     token_digests: tuple[bytes, ...]
     doc: bytes
     origins: Origins
-    signing_keys: gateway_auth.SigningKeys | None = None  # loaded on first use
+    signing_keys: signing.SigningKeys | None = None  # loaded on first use
 
 
 CONTEXT = web.AppKey("api_context", Context)

@@ -1,25 +1,30 @@
 """The gateway: everything under /w/{workspace_id}/ (ARCHITECTURE.md "Gateway hot path").
 
 Modules, one concept each: `routes` (route table + hint consumer), `upstream` (pooled
-HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth` (access
-links and cookies), `origins` (path mode or an origin per workspace), `activity` (marks +
-batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits), `watch` (one
-watcher per workspace feeding all its event streams), `handler` (what each request gets),
-`links` (minting access links), `idle` (which relayed WebSocket bytes a person caused),
-`presence` (the workbench's script and its activity endpoint), `peers` (who the client
-is behind trusted proxies), and with `[auth.oidc]`: `oidc` (the relying party),
-`sessions` (signed session and flow cookies), `signin` (the sign-in routes),
-`selfservice` (the page at / and its JSON calls).
+HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth` (cookie
+names and headers), `access` (the workspace cookie checked, a link redeemed), `activity`
+(marks + batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits),
+`watch` (one watcher per workspace feeding all its event streams), `handler` (what each
+request gets), `idle` (which relayed WebSocket bytes a person caused), `presence` (the
+workbench's script and its activity endpoint), `peers` (who the client is behind trusted
+proxies), and with `[auth.oidc]`: `oidc` (the relying party), `sessions` (signed session
+and flow cookies), `signin` (the sign-in routes), `selfservice` (the page at / and its
+JSON calls). Access links are minted by the admin API; links and cookies are signed by
+codehub/signing.py; where a workspace is served (path mode or an origin of its own) is
+codehub/origins.py.
 
 In host mode (gateway.workspace_host) a middleware sends every request for a workspace's
 origin to the gateway before routing; `/w/{id}/...` on the main origin redirects (308) to
 the workspace's origin, path and query kept.
 
 Wiring (app.py): after the cleanup contexts that provide keys.CONFIG, keys.STORE,
-keys.HINTS and the InstanceController, call `setup(app, instances=<its AppKey>)`. It adds
-the routes and one cleanup context that owns the gateway's resources: the upstream pool
-and client session, the hint-consumer task, the event-stream watchers, the activity
-flusher (flushed once more at shutdown) and a housekeeping task.
+keys.HINTS and the InstanceController, call `setup(app, instances=<its AppKey>)` (and
+`clock=` a Clock, the system's by default: every wall-clock read of the gateway is
+its). It adds the routes and one cleanup context that owns the gateway's resources: the
+upstream pool and client session, the hint-consumer task, the event-stream watchers, the
+activity flusher (flushed once more at shutdown) and a housekeeping task. With
+`[auth.oidc]` the context also makes the sign-in and self-service states (signin.SIGNIN,
+selfservice.SELF_SERVICE): their routes read those, never the Gateway.
 """
 
 from __future__ import annotations
@@ -27,23 +32,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .. import keys, revocations
+from ..clock import Clock, SystemClock
 from ..interfaces import InstanceController
 from ..model import WORKSPACE_ID
+from ..origins import HostKind, Origins
+from ..signing import load_keys
 from ..store import StoreUnavailable
-from . import links, selfservice, signin
-from .auth import load_keys
+from . import selfservice, signin
 from .handler import MAX_ID_LENGTH, Gateway
 from .oidc import OidcClient
-from .origins import HostKind, Origins
 from .pages import Pages, plain, static_dir
 from .sessions import Scope, Signer
 
@@ -104,20 +109,18 @@ async def _by_host(request: web.Request, handler: Handler) -> web.StreamResponse
     return await gw.handle(request, workspace_id, target)
 
 
-def gateway_ctx(instances: web.AppKey[InstanceController],
+def gateway_ctx(instances: web.AppKey[InstanceController], clock: Clock,
                 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         cfg = app[keys.CONFIG]
         gw = Gateway(cfg, app[keys.STORE], app[keys.HINTS], app[instances], load_keys(cfg),
-                     Pages(static_dir(cfg.gateway.static_dir)))
+                     Pages(static_dir(cfg.gateway.static_dir)), clock)
         app[GATEWAY] = gw
         # The provider is reached over verified TLS: not through gw.session (workspaces).
         idp = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) if (
             cfg.auth.oidc.enabled) else None
         if idp is not None:
-            gw.signin = signin.SignIn(OidcClient(cfg.auth.oidc, idp),
-                                      Signer(gw.keys, time.time),
-                                      Scope.of(gw.origins.host_mode, gw.public_https))
+            gw.signin = _sign_in_states(app, gw, idp)
         loop = asyncio.get_running_loop()
         tasks = [
             loop.create_task(gw.routes.consume_hints(gw.hints, gw.recheck_sockets),
@@ -143,6 +146,23 @@ def gateway_ctx(instances: web.AppKey[InstanceController],
     return ctx
 
 
+def _sign_in_states(app: web.Application, gw: Gateway, idp: aiohttp.ClientSession,
+                    ) -> signin.SignIn:
+    """The sign-in and self-service states (under their app keys), sharing the gateway's
+    store, keys, origins, pages, watchers and limits."""
+    now = gw.clock.time
+    si = signin.SignIn(
+        client=OidcClient(gw.cfg.auth.oidc, idp, now), signer=Signer(gw.keys, now),
+        scope=Scope.of(gw.origins.host_mode, gw.public_https), store=gw.store, keys=gw.keys,
+        origins=gw.origins, public_https=gw.public_https, pages=gw.pages,
+        db_unavailable=gw.db_unavailable, now=now)
+    app[signin.SIGNIN] = si
+    app[selfservice.SELF_SERVICE] = selfservice.SelfService(
+        signin=si, cfg=gw.cfg, hints=gw.hints, watchers=gw.watchers,
+        stream_slots=gw.stream_slots, peers=gw.peers)
+    return si
+
+
 async def _revocations(gw: Gateway, signer: Signer) -> None:
     """Session revocations and ended sessions (revocations.py) into the signer's in-memory
     tables, every
@@ -150,7 +170,7 @@ async def _revocations(gw: Gateway, signer: Signer) -> None:
     horizon = gw.cfg.auth.oidc.session_ttl + 60
     failing = False
     while True:
-        now = datetime.now(UTC)
+        now = gw.clock.now()
         try:
             found = await revocations.since(gw.store, now - timedelta(seconds=horizon))
             ended = await revocations.ended(gw.store, now)
@@ -176,10 +196,10 @@ async def _housekeeping(gw: Gateway) -> None:
 
 
 def setup(app: web.Application, *, instances: web.AppKey[InstanceController],
-          access_links: bool = True) -> None:
-    """Add the gateway's routes and its cleanup context to `app`. `access_links=False`
-    leaves POST /api/v1/workspaces/{id}/access-links to the admin API."""
-    app.cleanup_ctx.append(gateway_ctx(instances))
+          clock: Clock | None = None) -> None:
+    """Add the gateway's routes and its cleanup context to `app` (the admin API, mounted
+    apart, mints the access links)."""
+    app.cleanup_ctx.append(gateway_ctx(instances, clock or SystemClock()))
     cfg = app[keys.CONFIG]
     if cfg.gateway.workspace_host:
         app.middlewares.append(_by_host)
@@ -193,8 +213,6 @@ def setup(app: web.Application, *, instances: web.AppKey[InstanceController],
                     "workspace an origin of its own (needed for more than one user)")
     app.router.add_route("*", "/w/{wid}", _redirect)
     app.router.add_route("*", "/w/{wid}/{tail:.*}", _workspace)
-    if access_links:
-        links.setup(app)
     if cfg.auth.oidc.enabled:
         signin.setup(app)
         selfservice.setup(app)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 
 class Activity:
     def __init__(self, store: Store, *, interval: float, keep_sockets_active: bool = False,
-                 sort_sockets: bool = False, clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float], sort_sockets: bool = False) -> None:
         self.store = store
         self.interval = interval
         self.keep_sockets_active = keep_sockets_active

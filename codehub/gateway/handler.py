@@ -1,7 +1,7 @@
 """What a request for a workspace gets: checks, then the IDE, a state page, or a refusal.
 
 A workspace's root is `/w/{id}/` in path mode and `/` of its own origin in host mode
-(origins.py); below, `<root>` is that.
+(codehub/origins.py); below, `<root>` is that.
 
 Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
 - `/w/{id}` redirects to `/w/{id}/` (query kept); in host mode both redirect to the
@@ -47,24 +47,25 @@ Guarantees (ARCHITECTURE.md "What a browser sees at /w/{id}/"):
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable
-from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiohttp
 import asyncpg
 from aiohttp import web
 
+from ..clock import Clock
 from ..config import Config
 from ..interfaces import HintBus, InstanceController
 from ..metrics import STEPPED_DOWN_UNDER_OPEN_TAB
 from ..model import DesiredState, Operation, Status
+from ..origins import Origins, is_local
+from ..signing import SigningKeys, Verdict
 from ..store import Store
 from . import auth, events, limits, signin
+from .access import Access
 from .activity import Activity
-from .auth import COOKIE_NAME, HOST_COOKIE_NAME, SigningKeys, Verdict
-from .origins import Origins, is_local
+from .auth import COOKIE_NAME, HOST_COOKIE_NAME
 from .pages import Pages, plain, wants_html
 from .peers import Peers
 from .presence import ACTIVITY_PATH, SCRIPT_PATH, Presence
@@ -75,7 +76,6 @@ from .watch import Watchers, healthy
 from .websocket import UpstreamRefused, is_upgrade, relay
 
 MAX_ID_LENGTH = 128
-VERIFIED_CACHE = 10_000
 _WAKE_FROM = (Status.WARM, Status.RUNNING, Status.NEW)
 # A wake never rides on an archive or a delete already under way: the archive would end
 # COLD with RUNNING desired, i.e. an automatic restore, which only an admin may ask for.
@@ -93,25 +93,20 @@ _LINK_REFUSED = {
 }
 
 
-class _Verified(NamedTuple):
-    workspace_id: str
-    expiry: int
-    credential: auth.Credential
-
-
 class Gateway:
     """The gateway's resources, shared by every request (created by gateway_ctx)."""
 
     def __init__(self, cfg: Config, store: Store, hints: HintBus,
-                 instances: InstanceController, keys: SigningKeys, pages: Pages) -> None:
+                 instances: InstanceController, keys: SigningKeys, pages: Pages,
+                 clock: Clock) -> None:
         g = cfg.gateway
         self.cfg = cfg
         self.store = store
         self.hints = hints
         self.keys = keys
         self.pages = pages
+        self.clock = clock
         self.signin: signin.SignIn | None = None  # set by gateway_ctx with [auth.oidc]
-        self.cookie_ttl = cfg.auth.cookie_ttl
         # Behind a TLS-terminating proxy the request itself is plain HTTP; the configured
         # public URL says what the browser sees (no forwarded header is trusted for this).
         self.public_https = cfg.server.public_url.lower().startswith("https://")
@@ -133,16 +128,16 @@ class Gateway:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
         self.routes = RouteTable(store, instances, ttl=g.route_ttl,
                                  stale_max=g.stale_route_max)
+        self.access = Access(keys, store, self.routes, cfg.auth.cookie_ttl)
         self.watchers = Watchers(self.routes, self.ready, poll_interval=g.events_poll_interval)
         self.stream_slots = limits.Slots(per_workspace=g.events_per_workspace,
                                                per_client=g.events_per_client)
         self.activity = Activity(store, interval=g.activity_flush_interval,
                                  keep_sockets_active=g.websocket_keeps_active,
-                                 sort_sockets=g.activity == "input")
+                                 clock=clock.time, sort_sockets=g.activity == "input")
         self.presence = Presence(pages.directory, self.activity, enabled=g.activity == "input",
                                  default_warm_ttl=cfg.reconciler.default_warm_ttl)
         self._stepped_down: dict[str, int] = {}  # counted: workspace id -> its generation
-        self._verified: dict[str, _Verified] = {}
         # Relayed WebSockets by workspace: the handler task and its cookie's nonce.
         self._sockets: dict[str, dict[asyncio.Task[Any], str]] = {}
         self._rechecks: set[asyncio.Task[None]] = set()
@@ -197,7 +192,7 @@ class Gateway:
                                            expect_operation=_WAKE_DURING)
         if row is None:
             return
-        await self.store.flush_activity([workspace_id], [datetime.now(UTC)])
+        await self.store.flush_activity([workspace_id], [self.clock.now()])
         self.routes.invalidate(workspace_id)
         await self.hints.publish(workspace_id)
 
@@ -241,43 +236,31 @@ class Gateway:
         token = request.query.get("access")
         if token is None:
             return None
-        cred = auth.verify_access_link(self.keys, workspace_id, token, now)
+        cred = self.access.verify_link(workspace_id, token, now)
         clean = str(request.rel_url.without_query_params("access"))
         if not is_local(clean):  # "//evil/?access=" must not answer Location: //evil/
             clean = "/"
         if cred.verdict is Verdict.OK:
             try:
-                cred = await self.redeem(workspace_id, cred)
+                cred = await self.access.redeem(workspace_id, cred)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
                     DatabaseUnavailable) as exc:
                 return self.db_unavailable(request, workspace_id, exc)
         if cred.verdict is not Verdict.OK:
             # A browser that already holds a good cookie (a reload of the link's URL) is
             # sent on; the request after the redirect is checked in full.
-            if self.check_cookie(workspace_id, cookies, now).verdict is Verdict.OK:
+            if self.access.check_cookie(workspace_id, cookies, now).verdict is Verdict.OK:
                 return _see_other(clean)
             return self.refuse(request, 403, "Access link not valid.",
                                _LINK_REFUSED.get(cred.verdict, _LINK_REFUSED[Verdict.INVALID]),
                                workspace_id)
         resp = _see_other(clean)
-        resp.set_cookie(self.cookie_name, auth.mint_cookie(self.keys, workspace_id, cred.nonce,
-                                                           self.cookie_ttl, now),
-                        path=self.origins.prefix(workspace_id) + "/", max_age=self.cookie_ttl,
+        resp.set_cookie(self.cookie_name, self.access.cookie(workspace_id, cred.nonce, now),
+                        path=self.origins.prefix(workspace_id) + "/",
+                        max_age=self.access.cookie_ttl,
                         httponly=True, samesite="Lax",
                         secure=request.secure or self.public_https)
         return resp
-
-    async def redeem(self, workspace_id: str, cred: auth.Credential) -> auth.Credential:
-        """A verified link's final checks: the workspace's current nonce, and first use."""
-        ws = (await self.routes.get(workspace_id)).workspace
-        if ws is None:
-            return auth.INVALID
-        if ws.access_nonce != cred.nonce:
-            return auth.Credential(Verdict.REVOKED)
-        if not await self.store.use_link(cred.link_id, workspace_id,
-                                         datetime.fromtimestamp(cred.expiry, UTC)):
-            return auth.Credential(Verdict.USED)
-        return cred
 
     def ready(self, route: Route) -> Awaitable[bool]:
         """Does the workspace's health check answer 2xx through the gateway's own path?"""
@@ -297,28 +280,6 @@ class Gateway:
         if path == "/_codehub/status" and request.method == "GET":
             return await events.status(self.routes, self.ready, workspace_id)
         return plain(404, "Not found.")
-
-    def check_cookie(self, workspace_id: str, values: list[str], now: float,
-                     ) -> auth.Credential:
-        """The first of the request's cookies that verifies (usually the only one sent).
-        Its nonce is compared with the row's by the caller."""
-        worst = auth.MISSING
-        for value in values:
-            # A cookie already verified skips the HMAC: the exact string was seen valid
-            # before, for this workspace, and has not expired (bounded cache; keys never
-            # change live).
-            known = self._verified.get(value)
-            if known is not None and known.expiry > now and known.workspace_id == workspace_id:
-                return known.credential
-            cred = auth.verify_cookie(self.keys, workspace_id, value, now)
-            if cred.verdict is Verdict.OK:
-                if len(self._verified) >= VERIFIED_CACHE:
-                    self._verified.clear()
-                self._verified[value] = _Verified(workspace_id, cred.expiry, cred)
-                return cred
-            if worst.verdict is Verdict.MISSING or cred.verdict is Verdict.EXPIRED:
-                worst = cred
-        return worst
 
     def cross_site(self, request: web.Request, workspace_id: str, fwd: Forwarding,
                    upgrade: bool) -> web.Response | None:
@@ -355,7 +316,7 @@ class Gateway:
         refused = self.cross_site(request, workspace_id, fwd, upgrade)
         if refused is not None:
             return refused
-        now = time.time()
+        now = self.clock.time()
         headers = request.headers
         cookies = headers.getall("Cookie", ())
         values, fwd.cookie = auth.split_cookie_header(
@@ -365,7 +326,7 @@ class Gateway:
             answer = await self.exchange_link(request, workspace_id, values, now)
             if answer is not None:
                 return answer
-        cred = self.check_cookie(workspace_id, values, now)
+        cred = self.access.check_cookie(workspace_id, values, now)
         if cred.verdict is not Verdict.OK:
             return (self.signin is not None and signin.redirect(
                 request, workspace_id, target, cred.verdict, self.origins.public_base,

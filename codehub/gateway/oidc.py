@@ -31,7 +31,6 @@ import asyncio
 import base64
 import hashlib
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -110,10 +109,10 @@ def _string(doc: dict[str, Any], key: str, *, required: bool = True) -> str:
 
 
 class OidcClient:
-    """The relying party of one provider. `now` returns Unix seconds (injectable)."""
+    """The relying party of one provider. `now` returns Unix seconds (the Clock's)."""
 
     def __init__(self, cfg: OidcConfig, session: aiohttp.ClientSession,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float]) -> None:
         self.cfg = cfg
         self.session = session
         self.now = now

@@ -35,24 +35,27 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 from yarl import URL
 
 from .. import audit, desire
+from ..config import Config
+from ..interfaces import HintBus
 from ..logs import PERSON, REQUEST_ID, WORKSPACE_ID_VAR, request_id_of
 from ..model import WORKSPACE_ID, DesiredState, Refusal, Workspace, desire_refusal
 from ..model import restore_refusal as restore_rule
-from ..store import UNAVAILABLE, AlreadyExists, OwnerLimit, StoreUnavailable
+from ..store import UNAVAILABLE, AlreadyExists, OwnerLimit, Store, StoreUnavailable
 from ..view import workspace_json
 from . import events, signin
+from .limits import Slots
+from .peers import Peers
 from .proxy import Forwarding
 from .sessions import Session
-
-if TYPE_CHECKING:
-    from .handler import Gateway
+from .signin import SignIn
+from .watch import Watchers
 
 log = logging.getLogger(__name__)
 HOME = signin.PREFIX + "/home"
@@ -76,15 +79,32 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _reply({"error": {"code": code, "message": message}}, status)
 
 
-def _gateway(request: web.Request) -> Gateway:
-    from . import GATEWAY  # the package imports this module: resolved at call time
+@dataclass(frozen=True, slots=True)
+class SelfService:
+    """The page's state, made by the gateway's wiring (under SELF_SERVICE): the sign-in
+    state, and the gateway's config, hint bus, watchers, stream limits and peers."""
 
-    return request.config_dict[GATEWAY]
+    signin: SignIn
+    cfg: Config
+    hints: HintBus
+    watchers: Watchers
+    stream_slots: Slots
+    peers: Peers
+
+    @property
+    def store(self) -> Store:
+        return self.signin.store
+
+
+SELF_SERVICE = web.AppKey("self_service", SelfService)
+
+
+def _state(request: web.Request) -> SelfService:
+    return request.config_dict[SELF_SERVICE]  # the routes exist only when it does
 
 
 def _session(request: web.Request) -> Session:
-    si = _gateway(request).signin
-    assert si is not None  # the routes exist only with [auth.oidc]
+    si = _state(request).signin
     session = si.signer.check_session(request.cookies.get(si.scope.session))
     if session is None:
         raise Refuse(401, "signed_out", "You are not signed in (or your session ended); "
@@ -95,8 +115,7 @@ def _session(request: web.Request) -> Session:
 
 def _same_origin(request: web.Request) -> None:
     """The CSRF defence of every POST (see Guarantees)."""
-    gw = _gateway(request)
-    public = str(URL(gw.origins.public_base).origin())
+    public = str(URL(_state(request).signin.origins.public_base).origin())
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
     site = request.headers.get("Sec-Fetch-Site", "same-origin")
     if ctype != "application/json" or request.headers.get("Origin") != public or (
@@ -125,8 +144,8 @@ async def _body(request: web.Request, verb: str) -> dict[str, Any]:
     return body
 
 
-def _shown(ws: Workspace, gw: Gateway) -> dict[str, Any]:
-    data = workspace_json(ws, gw.cfg)
+def _shown(ws: Workspace, cfg: Config) -> dict[str, Any]:
+    data = workspace_json(ws, cfg)
     if data["archive"] is not None:  # where the archive is stored is the operator's matter
         data["archive"] = {k: data["archive"][k] for k in ("size", "created_at")}
     del data["image"]
@@ -144,13 +163,13 @@ class Act:
     body: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def gw(self) -> Gateway:
-        return _gateway(self.request)
+    def state(self) -> SelfService:
+        return _state(self.request)
 
     async def mine(self) -> Workspace:
         """The workspace acted on, when the person may act on it."""
         assert self.workspace_id is not None
-        ws = await self.gw.store.get(self.workspace_id)
+        ws = await self.state.store.get(self.workspace_id)
         if ws is None or ws.desired_state is DesiredState.DELETED:
             raise Refuse(404, "not_found", f"no workspace {self.workspace_id}")
         if ws.owner != self.session.person and not self.session.admin:
@@ -163,8 +182,8 @@ class Act:
         await self.mine()
         assert self.workspace_id is not None
         try:
-            _, after = await desire.change(self.gw.store, self.gw.hints, self.workspace_id,
-                                           rule, desired)
+            _, after = await desire.change(self.state.store, self.state.hints,
+                                           self.workspace_id, rule, desired)
         except desire.Refused as exc:
             raise Refuse(409, exc.refusal.code, exc.refusal.message) from None
         except desire.NotFound:
@@ -178,17 +197,18 @@ class Act:
 
 async def _open(act: Act) -> web.Response:
     ws = await act.want(lambda w: desire_refusal(w, DesiredState.RUNNING), DesiredState.RUNNING)
-    return _reply({"workspace": _shown(ws, act.gw), "url": signin.access_url(act.gw, ws)})
+    return _reply({"workspace": _shown(ws, act.state.cfg),
+                   "url": signin.access_url(act.state.signin, ws)})
 
 
 async def _stop(act: Act) -> web.Response:
     ws = await act.want(lambda w: desire_refusal(w, DesiredState.WARM), DesiredState.WARM)
-    return _reply({"workspace": _shown(ws, act.gw)}, 202)
+    return _reply({"workspace": _shown(ws, act.state.cfg)}, 202)
 
 
 async def _archive(act: Act) -> web.Response:
     ws = await act.want(lambda w: desire_refusal(w, DesiredState.COLD), DesiredState.COLD)
-    return _reply({"workspace": _shown(ws, act.gw)}, 202)
+    return _reply({"workspace": _shown(ws, act.state.cfg)}, 202)
 
 
 async def _restore(act: Act) -> web.Response:
@@ -196,17 +216,17 @@ async def _restore(act: Act) -> web.Response:
     if not isinstance(start, bool):
         raise Refuse(400, "invalid_request", "start: must be true or false")
     ws = await act.want(restore_rule, DesiredState.RUNNING if start else DesiredState.WARM)
-    return _reply({"workspace": _shown(ws, act.gw)}, 202)
+    return _reply({"workspace": _shown(ws, act.state.cfg)}, 202)
 
 
 async def _delete(act: Act) -> web.Response:
     ws = await act.mine()
-    if not act.gw.cfg.auth.oidc.self_service_delete and not act.session.admin:
+    if not act.state.cfg.auth.oidc.self_service_delete and not act.session.admin:
         raise Refuse(403, "not_allowed", "Deleting workspaces here is turned off; ask an "
                      "administrator.")
-    ws = await desire.delete(act.gw.store, act.gw.hints, ws.id)
+    ws = await desire.delete(act.state.store, act.state.hints, ws.id)
     log.info("self-service: %s asked to delete workspace %s", act.session.person, ws.id)
-    return _reply({"workspace": _shown(ws, act.gw)}, 202)
+    return _reply({"workspace": _shown(ws, act.state.cfg)}, 202)
 
 
 def _new_owner(act: Act) -> str:
@@ -219,7 +239,7 @@ def _new_owner(act: Act) -> str:
 
 
 async def _create(act: Act) -> web.Response:
-    oidc = act.gw.cfg.auth.oidc
+    oidc = act.state.cfg.auth.oidc
     if not oidc.self_service_create and not act.session.admin:
         raise Refuse(403, "not_allowed", "Creating workspaces here is turned off; ask an "
                      "administrator.")
@@ -227,9 +247,9 @@ async def _create(act: Act) -> web.Response:
     limit = 1 << 30 if act.session.admin else oidc.max_workspaces_per_owner
     for _ in range(3):
         try:
-            ws = await act.gw.store.create_within(
+            ws = await act.state.store.create_within(
                 limit, id="ws-" + secrets.token_hex(5), owner=owner,
-                image_ref=act.gw.cfg.docker.workspace_image, desired_state=DesiredState.RUNNING)
+                image_ref=act.state.cfg.docker.workspace_image, desired_state=DesiredState.RUNNING)
             break
         except AlreadyExists:
             continue
@@ -239,9 +259,9 @@ async def _create(act: Act) -> web.Response:
     else:
         raise Refuse(409, "conflict", "no free generated id; try again")
     act.workspace_id = ws.id
-    await act.gw.hints.publish(ws.id)
+    await act.state.hints.publish(ws.id)
     log.info("self-service: %s created workspace %s for %s", act.session.person, ws.id, owner)
-    return _reply({"workspace": _shown(ws, act.gw)}, 201)
+    return _reply({"workspace": _shown(ws, act.state.cfg)}, 201)
 
 
 VERBS: dict[str, Callable[[Act], Awaitable[web.Response]]] = {
@@ -269,7 +289,7 @@ async def _act(request: web.Request, verb: str, workspace_id: str | None,
         resp.headers["Retry-After"] = "2"
     resp.headers["X-Request-Id"] = rid
     if act is not None:
-        await audit.AuditLog(act.gw.store).record(audit.Entry(
+        await audit.AuditLog(act.state.store).record(audit.Entry(
             "person:" + act.session.person, "self." + verb, act.workspace_id, resp.status,
             rid, {"admin": act.session.admin, **act.body}))
     return resp
@@ -287,28 +307,28 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def listing(request: web.Request) -> web.Response:
-    gw = _gateway(request)
+    state = _state(request)
     try:
         session = _session(request)
         every = request.query.get("all") == "1" and session.admin
-        rows = await gw.store.list_page(owner=None if every else session.person, limit=500)
+        rows = await state.store.list_page(owner=None if every else session.person, limit=500)
     except Refuse as exc:
         return _error(exc.status, exc.code, exc.message)
     except _DB_DOWN:
         return _error(503, "unavailable", "CodeHub cannot reach its database; try again")
-    oidc = gw.cfg.auth.oidc
+    oidc = state.cfg.auth.oidc
     return _reply({
         "person": session.person, "admin": session.admin, "all": every,
         "can_create": oidc.self_service_create or session.admin,
         "can_delete": oidc.self_service_delete or session.admin,
         "max_workspaces": None if session.admin else oidc.max_workspaces_per_owner,
-        "items": [_shown(ws, gw) for ws in rows
+        "items": [_shown(ws, state.cfg) for ws in rows
                   if ws.desired_state is not DesiredState.DELETED]})
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
     """The loading page's event stream, for a workspace this person may see."""
-    gw = _gateway(request)
+    state = _state(request)
     try:
         act = Act(request, _session(request), "events", request.match_info["wid"])
         if not WORKSPACE_ID.fullmatch(act.workspace_id or ""):
@@ -319,24 +339,23 @@ async def stream(request: web.Request) -> web.StreamResponse:
     except _DB_DOWN:
         return _error(503, "unavailable", "CodeHub cannot reach its database; try again")
     remote = request.remote or ""
-    client = gw.peers.client_address(Forwarding(request, "", trusted=gw.peers.trusted(remote),
-                                                remote=remote))
-    return await events.events(request, request.match_info["wid"], gw.watchers,
-                               gw.stream_slots, client)
+    peers = state.peers
+    client = peers.client_address(Forwarding(request, "", trusted=peers.trusted(remote),
+                                             remote=remote))
+    return await events.events(request, request.match_info["wid"], state.watchers,
+                               state.stream_slots, client)
 
 
 async def home(request: web.Request) -> web.StreamResponse:
-    gw = _gateway(request)
-    si = gw.signin
-    assert si is not None
+    si = _state(request).signin
     if si.signer.check_session(request.cookies.get(si.scope.session)) is None:
         return await signin.start(request, HOME)
-    return gw.pages.portal()
+    return si.pages.portal()
 
 
 async def root(request: web.Request) -> web.Response:
-    return web.Response(status=303, headers={"Location": _gateway(request).origins.public_base
-                                             + HOME, "Cache-Control": "no-store"})
+    home = _state(request).signin.origins.public_base + HOME
+    return web.Response(status=303, headers={"Location": home, "Cache-Control": "no-store"})
 
 
 def setup(app: web.Application) -> None:

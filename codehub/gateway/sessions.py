@@ -13,8 +13,8 @@ Guarantees:
   `__Host-` prefixed (host-only, Path=/), so a workspace origin under the same parent
   domain cannot plant one. An upstream's Set-Cookie of these names is dropped (auth.py
   COOKIE_NAMES).
-- Keys are `auth.signing_keys` (or data_dir/signing.key, auth.py): the first signs, every
-  key verifies, so a key rotation keeps sessions alive as access links do.
+- Keys are `auth.signing_keys` (or data_dir/signing.key, codehub/signing.py): the first
+  signs, every key verifies, so a key rotation keeps sessions alive as access links do.
 - Checking a session is a signature check plus a dict lookup (`NotBefore`): no database.
   A session issued before its person's "not before" time is refused. The admin API's
   per-person revocation writes that time to PostgreSQL (revocations.py) and the gateway
@@ -39,7 +39,8 @@ from joserfc import errors as jose_errors
 from joserfc import jwt
 from joserfc.jwk import OctKey
 
-from .auth import FLOW_COOKIE, SESSION_COOKIE, SigningKeys
+from ..signing import SigningKeys
+from .auth import FLOW_COOKIE, SESSION_COOKIE
 from .oidc import Flow, Identity
 
 AUTH_PATH = "/_codehub/auth/"

@@ -2,7 +2,7 @@
 workspace (only when `auth.oidc.issuer` is set).
 
 The session lives on CodeHub's main origin; the workspace credential is the workspace's
-own cookie (auth.py), on the workspace's origin in host mode. The one thing that crosses
+own cookie (codehub/signing.py), on the workspace's origin in host mode. The one thing that crosses
 from one to the other is an access link, so a signed-in person gets exactly what an
 access link gives, in path mode and in host mode alike:
 
@@ -34,23 +34,22 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import asyncpg
 from aiohttp import web
 
-from .. import revocations
+from .. import revocations, signing
 from ..model import WORKSPACE_ID, DesiredState, Workspace
-from . import auth
+from ..origins import Origins, is_local
+from ..signing import SigningKeys, Verdict
+from ..store import Store
 from .oidc import Flow, OidcClient, OidcError
-from .origins import is_local
+from .pages import Pages
 from .sessions import FLOW_TTL, PendingFlow, Scope, Signer
-
-if TYPE_CHECKING:
-    from .handler import Gateway
 
 log = logging.getLogger(__name__)
 PREFIX = "/_codehub/auth"
@@ -73,42 +72,55 @@ def open_url(base: str, workspace_id: str, target: str) -> str:
     return f"{base}{PREFIX}/open/{workspace_id}?{urlencode({'path': path})}"
 
 
-def redirect(request: web.Request, workspace_id: str, target: str, verdict: auth.Verdict,
+def redirect(request: web.Request, workspace_id: str, target: str, verdict: Verdict,
              public_base: str) -> web.Response | None:
     """The 303 to `open` for a browser page load without a (live) workspace cookie; None
     for every other request, which keeps handler.py's 401/403."""
-    if (verdict not in (auth.Verdict.MISSING, auth.Verdict.EXPIRED) or request.method != "GET"
+    if (verdict not in (Verdict.MISSING, Verdict.EXPIRED) or request.method != "GET"
             or "text/html" not in request.headers.get("Accept", "")
             or "Upgrade" in request.headers):
         return None
     return _see_other(open_url(public_base, workspace_id, target))
 
 
+@dataclass(slots=True)
 class SignIn:
-    """The sign-in routes' state: the relying party, the cookie signer."""
+    """The sign-in routes' state, made by the gateway's wiring (under SIGNIN): the relying
+    party, the cookie signer, and what they share with the gateway (the store, the link
+    keys, the origins, the pages, its 503 answer, its clock's Unix seconds)."""
 
-    def __init__(self, client: OidcClient, signer: Signer, scope: Scope) -> None:
-        self.client = client
-        self.signer = signer
-        self.scope = scope
-        self.session_ttl = client.cfg.session_ttl
+    client: OidcClient
+    signer: Signer
+    scope: Scope
+    store: Store
+    keys: SigningKeys
+    origins: Origins
+    public_https: bool
+    pages: Pages
+    db_unavailable: Callable[[web.Request, str, Exception], web.Response]
+    now: Callable[[], float]
+
+    @property
+    def session_ttl(self) -> int:
+        return self.client.cfg.session_ttl
 
 
-def _gateway(request: web.Request) -> Gateway:
-    from . import GATEWAY  # the package imports this module: resolved at call time
+SIGNIN = web.AppKey("signin", SignIn)
 
-    return request.config_dict[GATEWAY]
+
+def _sign_in(request: web.Request) -> SignIn:
+    return request.config_dict[SIGNIN]  # the routes exist only when it does
 
 
 def _base(request: web.Request) -> str:
     """The main origin as the browser sees it: server.public_url (required with
     [auth.oidc]: the redirect URL registered at the provider is built from it), with its
     path if CodeHub is served below one."""
-    return _gateway(request).origins.public_base
+    return _sign_in(request).origins.public_base
 
 
 def _secure(request: web.Request) -> bool:
-    return bool(request.secure or _gateway(request).public_https)
+    return bool(request.secure or _sign_in(request).public_https)
 
 
 def _see_other(location: str) -> web.Response:
@@ -118,14 +130,8 @@ def _see_other(location: str) -> web.Response:
 
 def _page(request: web.Request, status: int, title: str, message: str, *,
           workspace_id: str = "", detail: str = "") -> web.Response:
-    return _gateway(request).pages.error(status, title, message, workspace_id=workspace_id,
+    return _sign_in(request).pages.error(status, title, message, workspace_id=workspace_id,
                                          detail=detail)
-
-
-def _sign_in(request: web.Request) -> SignIn:
-    gw = _gateway(request)
-    assert gw.signin is not None  # the routes exist only when it does
-    return gw.signin
 
 
 async def start(request: web.Request, next_path: str) -> web.Response:
@@ -144,7 +150,6 @@ async def start(request: web.Request, next_path: str) -> web.Response:
 
 
 async def open_workspace(request: web.Request) -> web.StreamResponse:
-    gw = _gateway(request)
     si = _sign_in(request)
     workspace_id = request.match_info["wid"]
     path = request.query.get("path", "/")
@@ -154,9 +159,9 @@ async def open_workspace(request: web.Request) -> web.StreamResponse:
     if session is None:
         return await start(request, request.rel_url.path_qs)
     try:
-        ws = await gw.store.get(workspace_id)
+        ws = await si.store.get(workspace_id)
     except _UNAVAILABLE as exc:
-        return gw.db_unavailable(request, workspace_id, exc)
+        return si.db_unavailable(request, workspace_id, exc)
     if ws is None or ws.desired_state is DesiredState.DELETED:
         return _page(request, 404, "No such workspace.", "Check the link, or ask the "
                      "workspace's owner.", workspace_id=workspace_id)
@@ -165,16 +170,13 @@ async def open_workspace(request: web.Request) -> web.StreamResponse:
                      f"You are signed in as {session.person}, and this workspace belongs "
                      "to someone else. Ask its owner or an administrator.",
                      workspace_id=workspace_id)
-    return _see_other(access_url(gw, ws, path))
+    return _see_other(access_url(si, ws, path))
 
 
-def access_url(gw: Gateway, ws: Workspace, path: str = "/") -> str:
+def access_url(si: SignIn, ws: Workspace, path: str = "/") -> str:
     """A fresh single-use access link (LINK_TTL) to `path` of the workspace."""
-    token = auth.mint_access_link(gw.keys, ws.id, ws.access_nonce, LINK_TTL, time.time())
-    root = (gw.origins.workspace_origin(ws.id) if gw.origins.host_mode
-            else gw.origins.public_base + f"/w/{ws.id}")
-    sep = "&" if "?" in path else "?"
-    return f"{root}{path}{sep}access={quote(token)}"
+    token = signing.mint_access_link(si.keys, ws.id, ws.access_nonce, LINK_TTL, si.now())
+    return si.origins.access_url(ws.id, token, path=path)
 
 
 def _refused(request: web.Request, status: int, title: str, message: str,
@@ -199,7 +201,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
                         "The answer from the identity provider does not belong to this "
                         "sign-in (state mismatch). Open the workspace again.")
     try:
-        first = await _gateway(request).store.use_link(
+        first = await si.store.use_link(
             "signin:" + state, "", datetime.fromtimestamp(pending.expires_at, UTC))
     except _UNAVAILABLE as exc:
         return _refused(request, 503, "CodeHub cannot reach its database.",
@@ -261,7 +263,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     if session is not None:
         si.signer.ended.end(session.sid, session.expires_at)
         try:
-            await revocations.end_session(_gateway(request).store, session.sid,
+            await revocations.end_session(si.store, session.sid,
                                           datetime.fromtimestamp(session.expires_at, UTC))
         except _UNAVAILABLE as exc:  # this gateway refuses it; the others until expiry
             log.warning("sign-out of %s not recorded for the other replicas: %s",

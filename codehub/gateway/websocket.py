@@ -103,7 +103,6 @@ class UpstreamRefused(Exception):
         self.status = status
 
 
-
 async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
                 fwd: Forwarding, workspace_id: str, activity: Activity,
                 ) -> web.StreamResponse:
@@ -114,64 +113,14 @@ async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
     if client_key is None:
         raise UpstreamRefused(400, "not a valid WebSocket upgrade (Sec-WebSocket-Key, "
                                    "Sec-WebSocket-Version: 13)")
-    loop = asyncio.get_running_loop()
-    tunnel = Tunnel(loop, lambda: activity.mark(workspace_id),
+    tunnel = Tunnel(asyncio.get_running_loop(), lambda: activity.mark(workspace_id),
                     sort_activity=activity.sort_sockets)
-    up = tunnel.upstream
-    offered = _offered_protocols(request)
-    key = base64.b64encode(os.urandom(16)).decode()
-    hostport, _, target = url.removeprefix("ws://").partition("/")
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")
-    timeout = session.timeout.sock_connect or HANDSHAKE_TIMEOUT
     try:
-        async with asyncio.timeout(timeout):
-            await loop.create_connection(lambda: up, host, int(port))
-    except (OSError, TimeoutError) as exc:
-        tunnel.discard()
-        raise UpstreamRefused(502, f"cannot reach the workspace: {exc or type(exc).__name__}"
-                              ) from None
-    try:
-        assert up.transport is not None
-        up.transport.write(_upgrade_request("/" + target, request, fwd, hostport, key, offered))
-        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-            status, headers = await _read_head(up)
-        chosen = _check_answer(status, headers, key, offered)
-    except UpstreamRefused:
-        tunnel.discard()
-        raise
-    except (OSError, TimeoutError) as exc:
-        tunnel.discard()
-        raise UpstreamRefused(502, f"the workspace did not answer the WebSocket: "
-                                   f"{exc or type(exc).__name__}") from None
+        chosen = await _handshake(session, request, url, fwd, tunnel.upstream)
+        browser = await _answer_browser(request, client_key, chosen, tunnel)
     except BaseException:
         tunnel.discard()
         raise
-    up.transport.pause_reading()  # until the browser is joined
-    browser = web.StreamResponse(status=101, headers={
-        "Upgrade": "websocket", "Connection": "Upgrade",
-        "Sec-WebSocket-Accept": accept_key(client_key)})
-    if chosen:
-        browser.headers["Sec-WebSocket-Protocol"] = chosen
-    browser.force_close()
-    try:
-        await browser.prepare(request)
-        transport = request.transport
-        if transport is None:
-            raise ConnectionResetError("the browser is gone")
-    except BaseException:
-        tunnel.discard()
-        raise
-    # Take the browser's connection over from aiohttp: set_parser hands the bytes the
-    # browser sent after its request (and keeps aiohttp from parsing more); then the
-    # transport's protocol becomes the tunnel's, and its loss is reported to aiohttp's.
-    proto = request.protocol
-    side = tunnel.browser
-    proto.set_parser(side)  # type: ignore[arg-type]
-    proto.keep_alive(False)
-    side.on_lost = proto.connection_lost
-    side.attach(transport)
-    transport.set_protocol(side)
     tunnel.join()
     activity.socket_opened(workspace_id)
     WEBSOCKETS_OPENED.inc()
@@ -181,6 +130,60 @@ async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
     finally:
         activity.socket_closed(workspace_id)
         WEBSOCKETS_OPEN.dec()
+    return browser
+
+
+async def _handshake(session: aiohttp.ClientSession, request: web.Request, url: str,
+                     fwd: Forwarding, up: Side) -> str | None:
+    """Connect `up` to the workspace and upgrade it; the subprotocol it chose. Reading
+    from it is paused until the browser is joined."""
+    loop = asyncio.get_running_loop()
+    offered = _offered_protocols(request)
+    key = base64.b64encode(os.urandom(16)).decode()
+    hostport, _, target = url.removeprefix("ws://").partition("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        async with asyncio.timeout(session.timeout.sock_connect or HANDSHAKE_TIMEOUT):
+            await loop.create_connection(lambda: up, host.strip("[]"), int(port))
+    except (OSError, TimeoutError) as exc:
+        raise UpstreamRefused(502, f"cannot reach the workspace: {exc or type(exc).__name__}"
+                              ) from None
+    try:
+        assert up.transport is not None
+        up.transport.write(_upgrade_request("/" + target, request, fwd, hostport, key, offered))
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            status, headers = await _read_head(up)
+    except (OSError, TimeoutError) as exc:
+        raise UpstreamRefused(502, f"the workspace did not answer the WebSocket: "
+                                   f"{exc or type(exc).__name__}") from None
+    chosen = _check_answer(status, headers, key, offered)
+    up.transport.pause_reading()  # until the browser is joined
+    return chosen
+
+
+async def _answer_browser(request: web.Request, client_key: str, chosen: str | None,
+                          tunnel: Tunnel) -> web.StreamResponse:
+    """Answer the browser's upgrade (101), then take its connection over from aiohttp:
+    set_parser hands the bytes the browser sent after its request (and keeps aiohttp
+    from parsing more); then the transport's protocol becomes the tunnel's, and its loss
+    is reported to aiohttp's."""
+    browser = web.StreamResponse(status=101, headers={
+        "Upgrade": "websocket", "Connection": "Upgrade",
+        "Sec-WebSocket-Accept": accept_key(client_key)})
+    if chosen:
+        browser.headers["Sec-WebSocket-Protocol"] = chosen
+    browser.force_close()
+    await browser.prepare(request)
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the browser is gone")
+    proto = request.protocol
+    side = tunnel.browser
+    proto.set_parser(side)  # type: ignore[arg-type]
+    proto.keep_alive(False)
+    side.on_lost = proto.connection_lost
+    side.attach(transport)
+    transport.set_protocol(side)
     return browser
 
 

@@ -28,9 +28,9 @@ import pytest
 from aiohttp import web
 from harness import services
 
-from codehub import api, gateway, health, keys
+from codehub import api, gateway, health, keys, signing
+from codehub.clock import Clock
 from codehub.config import AuthConfig, Config, DockerConfig, GatewayConfig, ServerConfig
-from codehub.gateway import auth
 from codehub.hints import InProcessHintBus
 from codehub.interfaces import HintBus
 from codehub.model import DesiredState, Operation, Status, Workspace
@@ -115,7 +115,7 @@ class Stack:
         return self.app[gateway.GATEWAY]
 
     @property
-    def signing(self) -> auth.SigningKeys:
+    def signing(self) -> signing.SigningKeys:
         return self.gw.keys
 
     def url(self, path: str) -> str:
@@ -125,7 +125,8 @@ class Stack:
         """A valid cookie of a workspace made by `add` (or `remember`ed); of one that does
         not exist, a cookie signed right but with a nonce no row has."""
         nonce = self.nonces.get(workspace_id, NO_ROW_NONCE)
-        value = auth.mint_cookie(self.signing, workspace_id, nonce, ttl, time.time())
+        value = signing.mint_cookie(self.signing, workspace_id, nonce, ttl,
+                                    self.gw.clock.time())
         return f"{self.gw.cookie_name}={value}"
 
     def remember(self, ws: Workspace) -> Workspace:
@@ -154,13 +155,14 @@ class Stack:
 
 async def open_stack(database_url: str, up: Upstream, tmp_path: Path,
                      server: ServerConfig | None = None, *, hints: HintBus | None = None,
-                     port: int = 0, with_api: bool = False, with_health: bool = False,
-                     auth_config: AuthConfig | None = None, **gateway_settings: Any,
-                     ) -> AsyncIterator[Stack]:
-    """`hints`: the bus (default: a new in-process one); `port`: 0 for any free one;
-    `with_api`: the admin API mounted as app.py does (it then mints the links);
-    `auth_config`: instead of the test signing key and admin token alone. A second
-    stack on the same database and a shared Redis bus is a second replica."""
+                     port: int = 0, with_health: bool = False,
+                     auth_config: AuthConfig | None = None, clock: Clock | None = None,
+                     **gateway_settings: Any) -> AsyncIterator[Stack]:
+    """The gateway and the admin API (which mints the access links), mounted as app.py
+    does. `hints`: the bus (default: a new in-process one); `port`: 0 for any free one;
+    `auth_config`: instead of the test signing key and admin token alone; `clock`: the
+    gateway's (default the system's; a FakeClock moves cookie and session time by hand).
+    A second stack on the same database and a shared Redis bus is a second replica."""
     cfg = make_config(tmp_path, server, auth_config, **gateway_settings)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
     assert pool is not None
@@ -175,12 +177,11 @@ async def open_stack(database_url: str, up: Upstream, tmp_path: Path,
     app[keys.STORE] = store
     app[keys.HINTS] = bus
     app[keys.INSTANCES] = ctrl
-    if with_api:
-        api.setup(app)
+    api.setup(app)
     if with_health:  # /healthz and /readyz as app.py mounts them
         app[keys.POOL] = pool
         health.setup(app)
-    gateway.setup(app, instances=keys.INSTANCES, access_links=not with_api)
+    gateway.setup(app, instances=keys.INSTANCES, clock=clock)
     # handler_cancellation as `codehub serve` runs it: a client that goes away cancels its
     # handler, so a proxied request waiting on the workspace does not outlive its client.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

@@ -37,7 +37,6 @@ def oidc_config(issuer: str, **changes: Any) -> OidcConfig:
 async def signin_stack(database_url: str, up: Upstream, tmp_path: Path, *,
                        host_mode: bool = False, https: bool = False,
                        provider: oidc.OidcProvider | None = None, issuer: str = "",
-                       with_api: bool = False,
                        extra_clients: list[dict[str, Any]] | None = None, **oidc_changes: Any,
                        ) -> AsyncIterator[tuple[Stack, oidc.OidcProvider | None]]:
     """`issuer`: another provider's (a test's own); else a new oidc-provider is started.
@@ -57,7 +56,7 @@ async def signin_stack(database_url: str, up: Upstream, tmp_path: Path, *,
         if host_mode:
             extra["workspace_host"] = f"{{id}}.ws.localhost:{port}"
         async for s in open_stack(database_url, up, tmp_path, port=port, auth_config=auth,
-                                  with_api=with_api, **extra):
+                                  **extra):
             yield s, provider
     finally:
         if provider is not None:

@@ -1,18 +1,21 @@
-"""Access links and workspace cookies (codehub/gateway/auth.py, links.py, handler.py)."""
+"""Access links and workspace cookies (codehub/signing.py, gateway/access.py, handler.py)."""
 
 from __future__ import annotations
 
 import json
 import stat
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway_support import ADMIN_TOKEN, Stack, Upstream, client, open_stack
+from gateway_support import ADMIN_TOKEN, SIGNING_KEY, Stack, Upstream, client, open_stack
 
+from codehub import signing
+from codehub.clock import FakeClock
 from codehub.config import AuthConfig, Config, ServerConfig
 from codehub.gateway import auth
-from codehub.gateway.auth import SigningKeys, Verdict
 from codehub.model import Status
+from codehub.signing import SigningKeys, Verdict
 
 KEYS = SigningKeys((b"new-key", b"old-key"))
 
@@ -101,8 +104,8 @@ async def test_another_workspaces_cookie_is_403(stack: Stack) -> None:
 async def test_expired_cookie_and_expired_link_are_403(stack: Stack) -> None:
     await stack.add()
     nonce = stack.nonces["echo"]
-    old = auth.mint_cookie(stack.signing, "echo", nonce, 10, time.time() - 60)
-    link = auth.mint_access_link(stack.signing, "echo", nonce, 10, time.time() - 60)
+    old = signing.mint_cookie(stack.signing, "echo", nonce, 10, time.time() - 60)
+    link = signing.mint_access_link(stack.signing, "echo", nonce, 10, time.time() - 60)
     async with client() as http:
         async with http.get(stack.url("/w/echo/"),
                             headers={"Cookie": f"{auth.COOKIE_NAME}={old}"}) as resp:
@@ -117,14 +120,14 @@ async def test_expired_cookie_and_expired_link_are_403(stack: Stack) -> None:
 async def test_forged_cookies_are_403(stack: Stack) -> None:
     await stack.add()
     nonce = stack.nonces["echo"]
-    good = auth.mint_cookie(stack.signing, "echo", nonce, 3600, time.time())
+    good = signing.mint_cookie(stack.signing, "echo", nonce, 3600, time.time())
     expiry, _, mac = good.split(".")
     forged = [
         f"{int(expiry) + 1}.{nonce}.{mac}",  # extended expiry
         f"{expiry}.{nonce}.{mac[:-1]}{'A' if mac[-1] != 'A' else 'B'}",  # flipped MAC
         f"{expiry}.{'0' * len(nonce)}.{mac}",  # another nonce
-        auth.mint_cookie(SigningKeys((b"attacker",)), "echo", nonce, 3600, time.time()),
-        auth.mint_access_link(stack.signing, "echo", nonce, 3600, time.time()),  # a link
+        signing.mint_cookie(SigningKeys((b"attacker",)), "echo", nonce, 3600, time.time()),
+        signing.mint_access_link(stack.signing, "echo", nonce, 3600, time.time()),  # a link
         "garbage", "1.2.3", "", f"{expiry}.{mac}",
     ]
     async with client() as http:
@@ -136,20 +139,52 @@ async def test_forged_cookies_are_403(stack: Stack) -> None:
 
 def test_rotated_keys_the_first_signs_and_all_verify() -> None:
     now = time.time()
-    n = auth.new_nonce()
+    n = signing.new_nonce()
 
     def verdict(keys: SigningKeys, wid: str, value: str | None, at: float) -> Verdict:
-        return auth.verify_cookie(keys, wid, value, at).verdict
+        return signing.verify_cookie(keys, wid, value, at).verdict
 
-    by_old = auth.mint_cookie(SigningKeys((b"old-key",)), "w1", n, 60, now)
-    by_new = auth.mint_cookie(KEYS, "w1", n, 60, now)
+    by_old = signing.mint_cookie(SigningKeys((b"old-key",)), "w1", n, 60, now)
+    by_new = signing.mint_cookie(KEYS, "w1", n, 60, now)
     assert verdict(SigningKeys((b"new-key",)), "w1", by_new, now) is Verdict.OK
     assert verdict(KEYS, "w1", by_old, now) is Verdict.OK
-    assert auth.verify_cookie(KEYS, "w1", by_old, now).nonce == n
+    assert signing.verify_cookie(KEYS, "w1", by_old, now).nonce == n
     assert verdict(SigningKeys((b"new-key",)), "w1", by_old, now) is Verdict.INVALID
     assert verdict(KEYS, "w2", by_new, now) is Verdict.INVALID
     assert verdict(KEYS, "w1", by_new, now + 61) is Verdict.EXPIRED
     assert verdict(KEYS, "w1", None, now) is Verdict.MISSING
+
+
+async def test_a_cookie_and_the_cookie_a_link_gives_expire_on_the_gateways_clock(
+        database_url: str, echo_upstream: Upstream, tmp_path: Path) -> None:
+    """Expiry is read from the injected Clock: a FakeClock moved past a cookie's lifetime
+    refuses it (also when it was verified, and cached, before), with no wait. The clock
+    starts at the real time: the admin API mints the link on the system's."""
+    clock = FakeClock(datetime.now(UTC))
+    async for stack in open_stack(database_url, echo_upstream, tmp_path, clock=clock,
+                                  auth_config=AuthConfig(signing_keys=[SIGNING_KEY],
+                                                         admin_tokens=[ADMIN_TOKEN],
+                                                         cookie_ttl=600)):
+        await stack.add()
+        short = stack.cookie(ttl=60)
+        link = await mint_link(stack, ttl_seconds=30)
+        async with client() as http:
+            async with http.get(link["url"], allow_redirects=False) as resp:
+                assert resp.status == 303
+                given = resp.headers["Set-Cookie"].split(";")[0]
+            for cookie in (short, given):
+                async with http.get(stack.url("/w/echo/"), headers={"Cookie": cookie}) as r:
+                    assert r.status == 200
+            await clock.advance(61)
+            async with http.get(stack.url("/w/echo/"), headers={"Cookie": short}) as resp:
+                assert resp.status == 403
+                assert "expired" in await resp.text()
+            async with http.get(stack.url("/w/echo/"), headers={"Cookie": given}) as resp:
+                assert resp.status == 200  # 600 s from the link's use, on the same clock
+            await clock.advance(540)
+            async with http.get(stack.url("/w/echo/"), headers={"Cookie": given}) as resp:
+                assert resp.status == 403
+                assert "expired" in await resp.text()
 
 
 async def test_the_gateway_cookie_never_reaches_the_workspace(stack: Stack) -> None:
@@ -168,8 +203,8 @@ async def test_the_gateway_cookie_never_reaches_the_workspace(stack: Stack) -> N
 
 def test_a_signing_key_is_generated_once_with_mode_0600(tmp_path: Path) -> None:
     cfg = Config(data_dir=str(tmp_path), auth=AuthConfig())
-    first = auth.load_keys(cfg)
-    path = tmp_path / auth.KEY_FILE
+    first = signing.load_keys(cfg)
+    path = tmp_path / signing.KEY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert auth.load_keys(cfg) == first
+    assert signing.load_keys(cfg) == first
     assert len(first.keys[0]) >= 32

@@ -177,7 +177,7 @@ async def mode_stack(database_url: str, up: Upstream, tmp_path: Path,
     settings: dict[str, Any] = {}
     if host_mode:
         settings["workspace_host"] = f"{{id}}.ws.localhost:{port}"
-    async for stack in open_stack(database_url, up, tmp_path, port=port, with_api=True,
+    async for stack in open_stack(database_url, up, tmp_path, port=port,
                                   server=ServerConfig(public_url=f"http://localhost:{port}"),
                                   **settings):
         for wid in (A, B):

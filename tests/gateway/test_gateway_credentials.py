@@ -1,4 +1,4 @@
-"""Credentials bound to a workspace's life (codehub/gateway/auth.py, handler.py, api.py):
+"""Credentials bound to a workspace's life (codehub/signing.py, gateway/handler.py, api/):
 a re-created id refuses the old ones, revoke-access cuts every replica within one hint, an
 access link works once."""
 
@@ -82,9 +82,9 @@ async def replicas(database_url: str, up: Upstream, tmp_path: Path, redis_url: s
     settings = {"route_ttl": 60.0}
     try:
         async for one in open_stack(database_url, up, tmp_path / "a", hints=buses[0],
-                                    with_api=True, **settings):
+                                    **settings):
             async for two in open_stack(database_url, up, tmp_path / "b", hints=buses[1],
-                                        with_api=True, **settings):
+                                        **settings):
                 yield one, two
     finally:
         for bus in buses:
@@ -126,7 +126,7 @@ async def _refused(stack: Stack, cookie: str) -> bool:
 
 async def test_revoking_an_unknown_workspace_is_404(database_url: str, echo_upstream: Upstream,
                                                     tmp_path: Path) -> None:
-    async for stack in open_stack(database_url, echo_upstream, tmp_path, with_api=True):
+    async for stack in open_stack(database_url, echo_upstream, tmp_path):
         async with client() as http, http.post(
                 stack.url("/api/v1/workspaces/nope/revoke-access"), headers=BEARER) as resp:
             assert resp.status == 404

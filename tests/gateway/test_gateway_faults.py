@@ -146,7 +146,7 @@ async def _status(url: str, headers: dict[str, str] | None = None) -> int:
 @pytest.fixture
 async def faulty(private_db: str, echo_upstream: Upstream, tmp_path: Path,
                  ) -> AsyncIterator[Stack]:
-    async for s in open_stack(private_db, echo_upstream, tmp_path, with_api=True,
+    async for s in open_stack(private_db, echo_upstream, tmp_path,
                               with_health=True, route_ttl=ROUTE_TTL):
         await s.add(ECHO_ID, Status.RUNNING)
         yield s
@@ -239,7 +239,7 @@ async def test_redis_stopped_gateway_and_api_keep_working_and_hints_resume(
         private_redis: services.RedisServer) -> None:
     bus = RedisHintBus(private_redis.url)
     try:
-        async for stack in open_stack(private_db, echo_upstream, tmp_path, with_api=True,
+        async for stack in open_stack(private_db, echo_upstream, tmp_path,
                                       with_health=True, hints=bus, route_ttl=ROUTE_TTL):
             await _redis_outage(stack, private_redis)
     finally:

@@ -1,4 +1,4 @@
-"""Browser isolation at the gateway (codehub/gateway/origins.py, handler.py, proxy.py):
+"""Browser isolation at the gateway (codehub/origins.py, handler.py, proxy.py):
 an origin per workspace in host mode, Origin/Sec-Fetch-Site checks in both modes, and the
 headers a workspace and a browser never get from each other."""
 
@@ -14,6 +14,7 @@ import pytest
 from gateway_support import ADMIN_TOKEN, Stack, Upstream, client, open_stack
 from harness.services import free_port
 
+from codehub import signing
 from codehub.config import ServerConfig
 from codehub.gateway import auth
 
@@ -76,7 +77,7 @@ async def test_host_mode_https_cookie_is_host_prefixed(
                                   server=ServerConfig(public_url="https://ide.example.org"),
                                   workspace_host="{id}.ws.example.org"):
         await stack.add()
-        token = auth.mint_access_link(stack.signing, "echo", stack.nonces["echo"], 60,
+        token = signing.mint_access_link(stack.signing, "echo", stack.nonces["echo"], 60,
                                       __import__("time").time())
         async with client() as http, http.get(stack.url(f"/?access={token}"), headers={
                 "Host": "echo.ws.example.org"}, allow_redirects=False) as resp:

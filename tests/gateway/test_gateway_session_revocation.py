@@ -20,8 +20,7 @@ from codehub import revocations
 @pytest.fixture
 async def signin(database_url: str, echo_upstream: Upstream, tmp_path: Path,
                  ) -> AsyncIterator[tuple[Stack, oidc.OidcProvider]]:
-    async for s, provider in signin_stack(database_url, echo_upstream, tmp_path,
-                                          with_api=True):
+    async for s, provider in signin_stack(database_url, echo_upstream, tmp_path):
         assert provider is not None
         yield s, provider
 

@@ -3,9 +3,9 @@ purposes apart, key rotation, per-person not-before."""
 
 from __future__ import annotations
 
-from codehub.gateway.auth import SigningKeys
 from codehub.gateway.oidc import Flow, Identity
 from codehub.gateway.sessions import Scope, Signer
+from codehub.signing import SigningKeys
 
 KEYS = SigningKeys((b"session-test-key-new", b"session-test-key-old"))
 ALICE = Identity("alice@example.test", admin=False)

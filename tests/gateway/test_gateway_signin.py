@@ -16,6 +16,7 @@ from gateway_support import ECHO_ID, Stack, Upstream, client
 from harness import oidc
 from signin_support import ALICE, BOB, SIGNED_OUT, browser, cookie_named, signin_stack
 
+from codehub import signing
 from codehub.gateway import auth
 from codehub.model import Status
 
@@ -72,8 +73,8 @@ async def test_the_credential_made_is_the_access_links_workspace_cookie(
     exchange = next(h for h in hops if "access=" in h.url)
     cookie = cookie_named(exchange.set_cookie, auth.COOKIE_NAME)
     value = cookie.split(";")[0].split("=", 1)[1]
-    cred = auth.verify_cookie(stack.signing, ECHO_ID, value, time.time())
-    assert cred.verdict is auth.Verdict.OK and cred.nonce == stack.nonces[ECHO_ID]
+    cred = signing.verify_cookie(stack.signing, ECHO_ID, value, time.time())
+    assert cred.verdict is signing.Verdict.OK and cred.nonce == stack.nonces[ECHO_ID]
     assert "Path=/w/echo/" in cookie and "HttpOnly" in cookie
 
 

@@ -33,7 +33,7 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
-from ..model import WORKSPACE_ID
+from .model import WORKSPACE_ID
 
 _DEFAULT_PORT = {"http": ":80", "https": ":443"}
 _ENCODED_DOT = re.compile("%2e", re.IGNORECASE)
@@ -141,8 +141,11 @@ class Origins:
         """The path the workspace's root is served under: "" in host mode."""
         return "" if self.host_mode else f"/w/{workspace_id}"
 
-    def access_url(self, workspace_id: str, token: str, request_origin: str) -> str:
-        """The URL of an access link; `request_origin` serves when no public URL is set."""
-        if self.host_mode:
-            return f"{self.workspace_origin(workspace_id)}/?access={token}"
-        return f"{self.public_base or request_origin}/w/{workspace_id}/?access={token}"
+    def access_url(self, workspace_id: str, token: str, request_origin: str = "",
+                   path: str = "/") -> str:
+        """The URL of an access link to `path` (a local path, query allowed) of the
+        workspace; `request_origin` serves when no public URL is set. The token's
+        characters (digits, letters, `-_.`) need no quoting."""
+        root = (self.workspace_origin(workspace_id) if self.host_mode
+                else f"{self.public_base or request_origin}/w/{workspace_id}")
+        return f"{root}{path}{'&' if '?' in path else '?'}access={token}"
