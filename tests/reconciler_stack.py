@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +24,7 @@ from typing import Any
 import aiodocker
 import asyncpg
 import pytest
-from harness.services import DockerEngine
+from harness.services import DockerEngine, free_port
 
 from codehub import store as store_mod
 from codehub.clock import FakeClock
@@ -213,11 +212,6 @@ async def make_stack(*, database_url: str, hints: HintBus, s3_settings: dict[str
         await docker.close()
         await pool.close()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Leader:

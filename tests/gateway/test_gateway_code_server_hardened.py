@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 import pytest
-from harness.services import DockerEngine
+from harness.services import DockerEngine, free_port
 from test_gateway_browser import ARTIFACTS, browser_page
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,17 +39,12 @@ def code_server_image(docker_engine: DockerEngine) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture
 async def serve(tmp_path: Path, database_url: str, s3_settings: dict[str, str],
                 docker_engine: DockerEngine, docker_prefix: str, code_server_image: str
                 ) -> AsyncIterator[str]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODEHUB_")}
     env.update(docker_engine.env())
     env.update({

@@ -3,9 +3,8 @@ proxy errors, relayed WebSockets and activity flushes, driven through a real gat
 
 from __future__ import annotations
 
-import socket
-
 from gateway_support import ECHO_ID, Stack, client, wait_for
+from harness.services import free_port
 
 from codehub import metrics
 
@@ -14,11 +13,6 @@ def value(name: str) -> float:
     got = metrics.REGISTRY.get_sample_value(name)
     return 0.0 if got is None else got
 
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens once the socket is closed
 
 
 async def test_proxied_requests_and_unreachable_workspaces_are_counted(stack: Stack) -> None:
@@ -31,7 +25,7 @@ async def test_proxied_requests_and_unreachable_workspaces_are_counted(stack: St
         assert value("codehub_proxy_requests_total") - requests == 3
         assert value("codehub_proxy_errors_total") == errors
         route = await stack.gw.routes.get(ECHO_ID)
-        route.host, route.port = "127.0.0.1", closed_port()
+        route.host, route.port = "127.0.0.1", free_port()  # nothing listens there
         async with http.get(stack.url("/w/echo/"), headers=stack.headers()) as resp:
             assert resp.status >= 500
     assert value("codehub_proxy_requests_total") - requests == 4

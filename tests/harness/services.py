@@ -35,6 +35,7 @@ import http.client
 import importlib.util
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -69,12 +70,33 @@ class ServiceError(RuntimeError):
 # --- small helpers ----------------------------------------------------------------------
 
 
+# Ports handed out for listeners: below Linux's ephemeral range (32768-60999 by default),
+# which outgoing connections draw their source ports from, so no client socket of a
+# parallel test can take a port between its choice and its bind; each pytest-xdist worker
+# draws from a slice of its own, so two workers never pick the same one.
+_PORTS = range(10000, 32000)
+_SLICES = 8
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ... or unset
+    n = int(worker[2:]) % _SLICES if worker.startswith("gw") else 0
+    size = len(_PORTS) // _SLICES
+    return range(_PORTS.start + n * size, _PORTS.start + (n + 1) * size)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that was free a moment ago (see _PORTS)."""
+    ports = _port_slice()
+    for _ in range(200):
+        port = random.choice(ports)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise ServiceError(f"no free port in {ports.start}-{ports.stop - 1} after 200 tries")
 
 
 def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
