@@ -59,9 +59,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tools import ensure_tools
 
+from codehub.backends.objects import LocalObjectStore
 from codehub.config import DockerConfig
 from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import LocalObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
 MiB = 1024 * 1024

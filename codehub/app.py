@@ -15,6 +15,7 @@ import aiodocker
 from aiohttp import web
 
 from . import api, gateway, health, keys, metrics, postgres, store
+from .backends.objects import LocalObjectStore, S3ObjectStore
 from .clock import SystemClock
 from .config import Config, home_owner
 from .hints import InProcessHintBus, RedisHintBus
@@ -27,7 +28,6 @@ from .runtime.firewall import Firewall, host_resolvers
 from .runtime.network import BridgeNetwork
 from .runtime.sandbox import Sandbox
 from .storage.disks import DiskLayout, HomeDisks
-from .storage.objects import LocalObjectStore, S3ObjectStore
 from .storage.volumes import DockerVolumeStorage
 
 log = logging.getLogger(__name__)

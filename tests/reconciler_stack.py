@@ -28,6 +28,7 @@ import pytest
 from harness.services import DockerEngine
 
 from codehub import store as store_mod
+from codehub.backends.objects import S3ObjectStore
 from codehub.clock import FakeClock
 from codehub.hints import RedisHintBus
 from codehub.interfaces import HintBus
@@ -36,7 +37,6 @@ from codehub.reconciler.controller import Controller, Schedule
 from codehub.reconciler.reconciler import EventLog, Policy, Reconciler
 from codehub.runtime.docker import DockerInstanceController
 from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 from codehub.store import Store
 

@@ -16,8 +16,8 @@ from typing import Any
 import aiodocker
 import pytest
 
+from codehub.backends.objects import S3ObjectStore
 from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
 MiB = 1024 * 1024

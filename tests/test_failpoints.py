@@ -25,8 +25,8 @@ from storage_support import (
 )
 
 import codehub.storage.volumes as volumes_module
+from codehub.backends.objects import S3ObjectStore
 from codehub.failpoints import ENV
-from codehub.storage.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,7 +43,7 @@ CHILD = r"""
 import asyncio, json, sys
 import aiodocker
 from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import S3ObjectStore
+from codehub.backends.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
 args = json.loads(sys.argv[1])

@@ -22,7 +22,7 @@ import asyncio, io, json, sys, tarfile
 import aiodocker
 from codehub.runtime.firewall import Firewall
 from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import LocalObjectStore
+from codehub.backends.objects import LocalObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
 args = json.loads(sys.argv[1])

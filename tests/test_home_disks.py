@@ -17,11 +17,11 @@ import pytest
 from isolation_support import exec_in
 from storage_support import put_tar
 
+from codehub.backends.objects import S3ObjectStore
 from codehub.interfaces import PermanentError
 from codehub.runtime.docker import DockerInstanceController
 from codehub.runtime.sandbox import Sandbox
 from codehub.storage.disks import DiskLayout, HomeDisks
-from codehub.storage.objects import S3ObjectStore
 from codehub.storage.tarfilter import HomeTooLarge
 from codehub.storage.volumes import DockerVolumeStorage
 

@@ -1,4 +1,4 @@
-"""Object stores (codehub/storage/objects.py): S3 against a real S3 API (moto server) and
+"""Object stores (codehub/backends/objects/s3.py): S3 against a real S3 API (moto server) and
 the local-directory store, held to the same guarantees."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from codehub.backends.objects import MIN_PART_SIZE, LocalObjectStore, S3ObjectStore
 from codehub.interfaces import IntegrityError, ObjectStore, PermanentError
-from codehub.storage.objects import MIN_PART_SIZE, LocalObjectStore, S3ObjectStore
 
 pytestmark = pytest.mark.timeout(120)
 

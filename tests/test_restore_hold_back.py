@@ -33,9 +33,9 @@ import pytest
 from harness.services import DockerEngine
 from storage_support import MiB, end_of_members, make_storage, manifest, our_leftovers
 
+from codehub.backends.objects import S3ObjectStore
 from codehub.interfaces import IntegrityError, Progress
 from codehub.storage.feed import FeedConnection
-from codehub.storage.objects import S3ObjectStore
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -35,11 +35,11 @@ from storage_support import (
 )
 
 import codehub.storage.helpers as helpers_module
+from codehub.backends.objects import S3ObjectStore
 from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
 from codehub.interfaces import AdapterError, IntegrityError, PermanentError, Progress
 from codehub.model import VolumeState
 from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import S3ObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
 pytestmark = pytest.mark.timeout(600)

@@ -10,7 +10,7 @@ Guarantees:
   an unknown format; IntegrityError when the meta names another sha256 than expected.
 
 The in-memory backends use these; the Docker and S3 adapters still hold their own copies
-(codehub/runtime/engine.py, codehub/storage/objects.py and volumes.py), to be replaced by
+(codehub/runtime/engine.py, codehub/backends/objects/s3.py and volumes.py), to be replaced by
 these once they move into a backend package (issue #15).
 """
 

@@ -25,9 +25,9 @@ from codehub.backends.memory import (
     MemoryVolume,
 )
 from codehub.backends.memory.storage import home_tar
+from codehub.backends.objects import LocalObjectStore, S3ObjectStore
 from codehub.interfaces import InstanceController, ObjectStore, StorageProvider
 from codehub.runtime.docker import DockerInstanceController
-from codehub.storage.objects import LocalObjectStore, S3ObjectStore
 
 MISSING_IMAGE = "codehub-conformance/no-such-image:never"
 Files = dict[str, bytes]  # path below the home -> contents

@@ -14,12 +14,12 @@ import aiodocker
 import playwright.async_api as playwright_api
 from gateway_support import ADMIN_TOKEN, Stack, client, controller, wait_for
 
+from codehub.backends.objects import LocalObjectStore
 from codehub.clock import SystemClock
 from codehub.model import DesiredState, Operation, Status
 from codehub.reconciler.controller import Controller, Schedule
 from codehub.reconciler.reconciler import Policy, Reconciler
 from codehub.runtime.docker import DockerInstanceController
-from codehub.storage.objects import LocalObjectStore
 from codehub.storage.volumes import DockerVolumeStorage
 
 CHROMIUM = "/usr/bin/chromium"

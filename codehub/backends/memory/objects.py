@@ -1,6 +1,6 @@
 """An ObjectStore in a dict: archives as bytes, their meta beside them.
 
-Guarantees (those of codehub.storage.objects, kept in memory):
+Guarantees (those of codehub.backends.objects, kept in memory):
 - The meta of a key exists only next to a complete object it describes: `put_stream`
   drops the old meta before it reads the stream and sets the new one after the object, so
   a failure or a cancellation at any await leaves either no meta or a true one.

@@ -46,8 +46,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..constants import ARCHIVE_FORMAT, META_SUFFIX
-from ..interfaces import AdapterError, IntegrityError, ObjectMeta, ObjectStore, PermanentError
+from ...constants import ARCHIVE_FORMAT, META_SUFFIX
+from ...interfaces import AdapterError, IntegrityError, ObjectMeta, ObjectStore, PermanentError
 
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
