@@ -24,23 +24,18 @@ from datetime import UTC, datetime
 from ...constants import ARCHIVE_FORMAT
 from ...interfaces import IntegrityError, ObjectMeta, ObjectStore, PermanentError
 from ..rules import check_object_key
+from .lifetime import Lifetime
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 
 
-class MemoryObjectStore(ObjectStore):
+class MemoryObjectStore(Lifetime, ObjectStore):
     """Archives in `objects` (key -> bytes) with their meta in `metas`."""
 
     def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.objects: dict[str, bytes] = {}
         self.metas: dict[str, ObjectMeta] = {}
         self._chunk_size = chunk_size
-
-    async def __aenter__(self) -> MemoryObjectStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
     async def put_stream(
         self, key: str, chunks: AsyncIterator[bytes], *, fmt: str = ARCHIVE_FORMAT
