@@ -59,10 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tools import ensure_tools
 
+from codehub.backends.docker.network import BridgeNetwork
+from codehub.backends.docker.volumes import DockerVolumeStorage
+from codehub.backends.objects import LocalObjectStore
 from codehub.config import DockerConfig
-from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import LocalObjectStore
-from codehub.storage.volumes import DockerVolumeStorage
 
 MiB = 1024 * 1024
 WORDS = (b"def class return import self async await yield lambda None True False for in "
@@ -270,7 +270,7 @@ async def run(args: argparse.Namespace) -> None:
                                  dir=args.work_dir))
     docker = aiodocker.Docker(url=args.docker_url)
     objects = LocalObjectStore(work / "objects")
-    await objects.start()
+    await objects.open()
     image = await pick_image(docker, args.image)
     network = BridgeNetwork(docker, f"codehub-bench-{run_id}-restore") \
         if args.restore_with == "tar" else None

@@ -4,7 +4,7 @@
 Usage: .venv/bin/python bench/isolation.py [--duration 5] [--rounds 3] [--networks 12]
 
 Two workspaces of the echo test image (tests/images/echo, built if missing) on two bridge
-networks made by CodeHub's own code (codehub.runtime.network): one without the firewall,
+networks made by CodeHub's own code (codehub.backends.docker.network): one without the firewall,
 one with it, alongside `--networks - 1` more firewalled networks so that every packet
 crosses the jumps of a 10,000-workspace deployment. wrk, on the host as the gateway is,
 measures requests per second at 16 connections and latency at 1 connection against each,
@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tools import ensure_tools  # noqa: E402
 
-from codehub.runtime.docker import DockerInstanceController  # noqa: E402
-from codehub.runtime.firewall import Firewall  # noqa: E402
-from codehub.runtime.network import BridgeNetwork  # noqa: E402
-from codehub.runtime.sandbox import Sandbox  # noqa: E402
+from codehub.backends.docker.containers import DockerInstanceController  # noqa: E402
+from codehub.backends.docker.firewall import Firewall  # noqa: E402
+from codehub.backends.docker.network import BridgeNetwork  # noqa: E402
+from codehub.backends.docker.sandbox import Sandbox  # noqa: E402
 
 
 def wrk(url: str, connections: int, duration: int) -> tuple[float, float]:

@@ -14,6 +14,9 @@ LABEL_MANAGED_BY = "codehub.managed-by"
 LABEL_MANAGED_BY_VALUE = "codehub"
 LABEL_WORKSPACE_ID = "codehub.workspace-id"
 LABEL_ROLE = "codehub.role"  # workspace container, home volume, storage helper
+ROLE_WORKSPACE = "workspace"  # the object that runs a workspace (a container)
+ROLE_HOME = "home"  # a workspace's home volume
+LABEL_RESTORED_FROM = "codehub.restored-from-sha256"  # on a home made by a restore
 
 # Archive object layout in the bucket.
 ARCHIVE_NAME = "home.tar.gz"

@@ -6,6 +6,14 @@ chooses the concrete classes. M3 (Kubernetes) swaps implementations, nothing abo
 Contract shared by every method of InstanceController and StorageProvider: it is
 idempotent. Calling it again after it succeeded, or after the process died at any point
 inside it, is safe and ends in the same state as one successful call.
+
+Guarantees:
+- Every adapter (InstanceController, StorageProvider, ObjectStore) has a lifetime:
+  `async with adapter:` opens it (`open()`: clients, sessions, directories it needs) and
+  leaving the block closes it (`close()`: releases what it opened, also when the block
+  raised). Both are idempotent; a closed adapter may be opened again. An adapter releases
+  only what it opened itself, never what it was given (an engine client, another adapter).
+  The composition root enters each adapter once and finds no closer by itself.
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 from .model import InstanceState, VolumeState
 from .model import Progress as Progress  # re-exported: the adapters report it
@@ -71,7 +80,26 @@ class ArchiveInfo:
 ProgressCallback = Callable[[Progress], Awaitable[None] | None]
 
 
-class InstanceController(ABC):
+class Adapter:
+    """The lifetime every adapter shares (see the module's guarantees); `open()` and
+    `close()` do nothing unless the adapter holds something of its own."""
+
+    async def open(self) -> None:
+        """Acquire what the adapter needs before its first call. Idempotent."""
+
+    async def close(self) -> None:
+        """Release what `open()` (or a call since) acquired. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class InstanceController(Adapter, ABC):
     """Runs a workspace's IDE. RUNNING has a container; WARM and COLD have none."""
 
     @abstractmethod
@@ -102,7 +130,7 @@ class InstanceController(ABC):
         """Every container labelled as ours, for orphan detection."""
 
 
-class StorageProvider(ABC):
+class StorageProvider(Adapter, ABC):
     """Owns the home of a workspace: a volume (WARM/RUNNING) or an archive (COLD)."""
 
     @abstractmethod
@@ -112,7 +140,9 @@ class StorageProvider(ABC):
 
     @abstractmethod
     async def get_volume_status(self, workspace_id: str, home_store_key: str) -> VolumeState:
-        """Observe the volume; never changes anything."""
+        """Observe the volume; never changes anything. PRESENT only for a volume of that
+        name whose labels say it is ours and the workspace's own: another workspace's
+        volume, or one CodeHub does not manage, is MISSING to this workspace."""
 
     @abstractmethod
     async def archive(
@@ -143,8 +173,9 @@ class StorageProvider(ABC):
         """Delete the given volume and/or archive; what is already gone is ignored."""
 
     @abstractmethod
-    async def list_managed(self) -> list[ManagedResource]:
-        """Every volume labelled as ours, for orphan detection."""
+    async def list_managed(self, workspace_id: str | None = None) -> list[ManagedResource]:
+        """Every volume labelled as ours, for orphan detection; with `workspace_id`, only
+        that workspace's, found by its label (not by listing every volume)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +187,7 @@ class ObjectMeta:
     format: str  # "tar+gzip"
 
 
-class ObjectStore(ABC):
+class ObjectStore(Adapter, ABC):
     """A bucket of archives. Keys are `{workspace_id}/home.tar.gz` (+ `.meta`)."""
 
     @abstractmethod

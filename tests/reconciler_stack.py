@@ -27,16 +27,16 @@ import pytest
 from harness.services import DockerEngine, free_port
 
 from codehub import store as store_mod
+from codehub.backends.docker.containers import DockerInstanceController
+from codehub.backends.docker.network import BridgeNetwork
+from codehub.backends.docker.volumes import DockerVolumeStorage
+from codehub.backends.objects import S3ObjectStore
 from codehub.clock import FakeClock
 from codehub.hints import RedisHintBus
 from codehub.interfaces import HintBus
 from codehub.model import DesiredState, Status, Workspace
 from codehub.reconciler.controller import Controller, Schedule
 from codehub.reconciler.reconciler import EventLog, Policy, Reconciler
-from codehub.runtime.docker import DockerInstanceController
-from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import S3ObjectStore
-from codehub.storage.volumes import DockerVolumeStorage
 from codehub.store import Store
 
 # Files a user might have: nested dirs, modes, a symlink, a hidden file, an empty dir,
@@ -183,7 +183,7 @@ async def make_stack(*, database_url: str, hints: HintBus, s3_settings: dict[str
         await store_mod.migrate(conn)
     docker = aiodocker.Docker(url=docker_url)
     objects = S3ObjectStore(**s3_settings)
-    await objects.start()
+    await objects.open()
     instances = DockerInstanceController(
         docker=docker, network=f"{prefix}-net", name_prefix=f"{prefix}-ws-",
         memory_limit_bytes=256 << 20, start_timeout=60)

@@ -16,9 +16,9 @@ from typing import Any
 import aiodocker
 import pytest
 
-from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import S3ObjectStore
-from codehub.storage.volumes import DockerVolumeStorage
+from codehub.backends.docker.network import BridgeNetwork
+from codehub.backends.docker.volumes import DockerVolumeStorage
+from codehub.backends.objects import S3ObjectStore
 
 MiB = 1024 * 1024
 BAD_NAME = os.fsdecode(b"coder/not-utf8-\xff\xfe-name")  # surrogate-escaped bytes

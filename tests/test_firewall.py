@@ -1,4 +1,4 @@
-"""codehub/runtime/firewall.py: the rules as text (pure), and as the host's iptables holds
+"""codehub/backends/docker/firewall.py: the rules as text (pure), and as the host's iptables holds
 them (real iptables, real bridge networks)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import subprocess
 
 import aiodocker
 
-from codehub.runtime.firewall import NON_PUBLIC, Firewall, NetworkPolicy, chain_names, rules
-from codehub.runtime.network import BridgeNetwork, bridge_interface
+from codehub.backends.docker.firewall import NON_PUBLIC, Firewall, NetworkPolicy, chain_names, rules
+from codehub.backends.docker.network import BridgeNetwork, bridge_interface
 
 
 def test_rules_depend_only_on_the_policy_and_not_on_the_number_of_workspaces() -> None:

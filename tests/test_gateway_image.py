@@ -20,17 +20,17 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CONTAINER = r"""
 import asyncio, io, json, sys, tarfile
 import aiodocker
-from codehub.runtime.firewall import Firewall
-from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import LocalObjectStore
-from codehub.storage.volumes import DockerVolumeStorage
+from codehub.backends.docker.firewall import Firewall
+from codehub.backends.docker.network import BridgeNetwork
+from codehub.backends.objects import LocalObjectStore
+from codehub.backends.docker.volumes import DockerVolumeStorage
 
 args = json.loads(sys.argv[1])
 
 async def main():
     async with aiodocker.Docker(url="unix:///var/run/docker.sock") as docker:
         objects = LocalObjectStore("/tmp/objects")
-        await objects.start()
+        await objects.open()
         network = BridgeNetwork(docker, args["network"], gateway_container=args["me"],
                                 firewall=Firewall(), host_tcp=True)
         storage = DockerVolumeStorage(docker=docker, objects=objects,

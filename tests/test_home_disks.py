@@ -1,4 +1,4 @@
-"""Size-limited homes (codehub/storage/disks.py) on the real engine: each home its own ext4
+"""Size-limited homes (codehub/backends/docker/disks.py) on the real engine: each home its own ext4
 file system, loop-mounted nosuid,nodev, seen by the workspace as /home/coder. Each test is
 named after a guarantee of disks.py or of the volume storage that uses it."""
 
@@ -17,13 +17,13 @@ import pytest
 from isolation_support import exec_in
 from storage_support import put_tar
 
+from codehub.backends.docker.containers import DockerInstanceController
+from codehub.backends.docker.disks import DiskLayout, HomeDisks
+from codehub.backends.docker.sandbox import Sandbox
+from codehub.backends.docker.volumes import DockerVolumeStorage
+from codehub.backends.objects import S3ObjectStore
 from codehub.interfaces import PermanentError
-from codehub.runtime.docker import DockerInstanceController
-from codehub.runtime.sandbox import Sandbox
-from codehub.storage.disks import DiskLayout, HomeDisks
-from codehub.storage.objects import S3ObjectStore
 from codehub.storage.tarfilter import HomeTooLarge
-from codehub.storage.volumes import DockerVolumeStorage
 
 pytestmark = pytest.mark.timeout(300)
 MiB = 1 << 20

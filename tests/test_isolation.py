@@ -1,7 +1,7 @@
 """A workspace user against the real engine: nothing but what the operator allows is
 reachable from inside a workspace, as its user or as root (`docker exec -u 0`); the
 gateway (the host's network namespace) still reaches every workspace, and a restore
-still works. Guarantees of codehub/runtime/firewall.py, network.py and sandbox.py.
+still works. Guarantees of codehub/backends/docker/firewall.py, network.py and sandbox.py.
 
 Run for both deployments: the firewall installed by this process on the host, and by
 the gateway's image in a container run with `--network host --cap-add NET_ADMIN`.
@@ -33,11 +33,11 @@ from isolation_support import (
     start_udp_echo,
 )
 
-from codehub.runtime.docker import DockerInstanceController
-from codehub.runtime.firewall import Firewall
-from codehub.runtime.network import BridgeNetwork
-from codehub.runtime.sandbox import Sandbox
-from codehub.storage.feed import FeedListener
+from codehub.backends.docker.containers import DockerInstanceController
+from codehub.backends.docker.feed import FeedListener
+from codehub.backends.docker.firewall import Firewall
+from codehub.backends.docker.network import BridgeNetwork
+from codehub.backends.docker.sandbox import Sandbox
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_GATEWAY_CONTAINER = r"""
 import asyncio, json, sys
 import aiodocker
-from codehub.runtime.firewall import Firewall
-from codehub.runtime.network import BridgeNetwork
+from codehub.backends.docker.firewall import Firewall
+from codehub.backends.docker.network import BridgeNetwork
 
 args = json.loads(sys.argv[1])
 

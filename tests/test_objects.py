@@ -1,4 +1,4 @@
-"""Object stores (codehub/storage/objects.py): S3 against a real S3 API (moto server) and
+"""Object stores (codehub/backends/objects/): S3 against a real S3 API (moto server) and
 the local-directory store, held to the same guarantees."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from codehub.backends.objects import MIN_PART_SIZE, LocalObjectStore, S3ObjectStore
 from codehub.interfaces import IntegrityError, ObjectStore, PermanentError
-from codehub.storage.objects import MIN_PART_SIZE, LocalObjectStore, S3ObjectStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -146,11 +146,11 @@ async def test_keys_with_path_tricks_are_rejected(store: ObjectStore) -> None:
             await store.head(bad)
 
 
-async def test_bucket_is_created_when_missing_and_start_is_idempotent(
+async def test_bucket_is_created_when_missing_and_open_is_idempotent(
         s3_settings: dict[str, str]) -> None:
     s3 = s3_store(s3_settings)
-    await s3.start()
-    await s3.start()
+    await s3.open()
+    await s3.open()
     try:
         await s3.client.head_bucket(Bucket=s3_settings["bucket"])
         again = s3_store(s3_settings)
@@ -180,7 +180,7 @@ def test_part_size_below_s3_minimum_is_refused() -> None:
 async def test_local_store_removes_a_workspace_folder_with_its_last_object(
         tmp_path: Path) -> None:
     local = LocalObjectStore(tmp_path / "objects")
-    await local.start()
+    await local.open()
     await local.put_stream("ws1/home.tar.gz", chunks(b"abc"))
     assert (tmp_path / "objects" / "ws1").is_dir()
     await local.delete("ws1/home.tar.gz")

@@ -1,4 +1,4 @@
-"""The restore's hold-back (codehub/storage/codec.py, through codehub/storage/volumes.py):
+"""The restore's hold-back (codehub/storage/codec.py, through codehub/backends/docker/volumes.py):
 an extractor never receives a complete tar that did not verify. The last 64 KiB of the tar
 wait for the archive's sha256 and gzip trailer, so an archive corrupt only in its LAST
 bytes, whose every earlier byte inflates to the right tar, still ends in a failed restore
@@ -33,9 +33,9 @@ import pytest
 from harness.services import DockerEngine
 from storage_support import MiB, end_of_members, make_storage, manifest, our_leftovers
 
+from codehub.backends.docker.feed import FeedConnection
+from codehub.backends.objects import S3ObjectStore
 from codehub.interfaces import IntegrityError, Progress
-from codehub.storage.feed import FeedConnection
-from codehub.storage.objects import S3ObjectStore
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from reconciler_stack import Stack
 
+from codehub.backends.docker.volumes import DockerVolumeStorage
 from codehub.constants import LABEL_MANAGED_BY
 from codehub.model import DesiredState, Status
-from codehub.storage.volumes import DockerVolumeStorage
 
 
 def _add(tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, *,

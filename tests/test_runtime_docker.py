@@ -1,6 +1,6 @@
 """DockerInstanceController against the real Docker engine and the echo workspace image.
 
-Each test is named after a guarantee of codehub/runtime/docker.py. Every Docker object a
+Each test is named after a guarantee of codehub/backends/docker/containers.py. Every Docker object a
 test makes has `docker_prefix` in its name, so the fixture removes it afterwards.
 """
 
@@ -15,11 +15,11 @@ import aiohttp
 import pytest
 from isolation_support import exec_in
 
+from codehub.backends.docker.containers import DockerInstanceController
+from codehub.backends.docker.sandbox import Sandbox
 from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
 from codehub.interfaces import AdapterError, InstanceStatus, PermanentError
 from codehub.model import InstanceState
-from codehub.runtime.docker import DockerInstanceController
-from codehub.runtime.sandbox import Sandbox
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,4 +1,4 @@
-"""The one-time authenticated feed connection (codehub/storage/feed.py) over real TCP on the
+"""The one-time authenticated feed connection (codehub/backends/docker/feed.py) over real TCP on the
 loopback: only the expected peer with the token gets the stream, and only once."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
+from codehub.backends.docker.feed import FeedListener
 from codehub.interfaces import AdapterError
-from codehub.storage.feed import FeedListener
 
 HOST = "127.0.0.1"
 

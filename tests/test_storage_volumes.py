@@ -1,4 +1,4 @@
-"""DockerVolumeStorage (codehub/storage/volumes.py) on the real Docker engine with archives
+"""DockerVolumeStorage (codehub/backends/docker/volumes.py) on the real Docker engine with archives
 in a real S3 API (moto server).
 
 Volumes are filled and read back only through Docker's archive API on helper containers, and
@@ -34,13 +34,13 @@ from storage_support import (
     put_tar,
 )
 
-import codehub.storage.helpers as helpers_module
+import codehub.backends.docker.helpers as helpers_module
+from codehub.backends.docker.network import BridgeNetwork
+from codehub.backends.docker.volumes import DockerVolumeStorage
+from codehub.backends.objects import S3ObjectStore
 from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
 from codehub.interfaces import AdapterError, IntegrityError, PermanentError, Progress
 from codehub.model import VolumeState
-from codehub.runtime.network import BridgeNetwork
-from codehub.storage.objects import S3ObjectStore
-from codehub.storage.volumes import DockerVolumeStorage
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -31,7 +31,7 @@ _REGISTRY = rf"(?:{_LABEL}(?:\.{_LABEL})+(?::[0-9]{{1,5}})?|{_LABEL}:[0-9]{{1,5}
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = (rf"^(?:{_REGISTRY}/)?{_COMPONENT}(?:/{_COMPONENT})*"
                  r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
-HOME_MIN_MIB = 16  # the smallest home file system (codehub.storage.disks)
+HOME_MIN_MIB = 16  # the smallest home file system (codehub.backends.docker.disks)
 TTL_MIN = 30  # seconds; well above the gateway's activity flush interval
 TTL_MAX = 10 * 365 * 86400
 LINK_TTL_MIN = 10

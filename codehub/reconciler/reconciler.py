@@ -329,8 +329,8 @@ class Reconciler:
 
     async def _delete(self, row: Workspace, progress: _Report) -> None:
         await self.instances.delete(row.id)
-        volumes = {r.name for r in await self.storage.list_managed()
-                   if r.workspace_id == row.id and r.kind == "volume"}
+        volumes = {r.name for r in await self.storage.list_managed(row.id)
+                   if r.kind == "volume"}
         if row.home_store_key:
             volumes.add(row.home_store_key)
         for name in sorted(volumes):

@@ -2,7 +2,7 @@
 
 Pure byte code: no Docker, no network, no file. Everything works on async iterators of
 bytes, so it is tested without any service (tests/test_storage_codec.py); the adapters
-(codehub.storage.volumes and its restore transports) only move these bytes.
+(codehub.backends.docker.volumes and its restore transports) only move these bytes.
 
 Guarantees:
 - `gzip_tar(blocks, ...)` yields one gzip member (plain `gzip -d` reads it) of exactly the

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiodocker
 from storage_support import make_storage, manifest, put_tar
 
+from codehub.backends.docker.containers import DockerInstanceController
 from codehub.backends.memory import (
     MemoryInstanceController,
     MemoryObjectStore,
@@ -25,9 +26,8 @@ from codehub.backends.memory import (
     MemoryVolume,
 )
 from codehub.backends.memory.storage import home_tar
+from codehub.backends.objects import LocalObjectStore, S3ObjectStore
 from codehub.interfaces import InstanceController, ObjectStore, StorageProvider
-from codehub.runtime.docker import DockerInstanceController
-from codehub.storage.objects import LocalObjectStore, S3ObjectStore
 
 MISSING_IMAGE = "codehub-conformance/no-such-image:never"
 Files = dict[str, bytes]  # path below the home -> contents
@@ -60,6 +60,10 @@ class InstanceKit(ABC):
     @abstractmethod
     async def kill(self, workspace_id: str) -> None:
         """The instance's process dies behind the controller's back (SIGKILL)."""
+
+    @abstractmethod
+    def released(self) -> bool:
+        """The controller holds nothing it opened (what leaving `async with` must do)."""
 
 
 class DockerInstanceKit(InstanceKit):
@@ -94,6 +98,10 @@ class DockerInstanceKit(InstanceKit):
         await self.docker.containers.container(name).kill()
         await self.docker.containers.container(name).wait()
 
+    def released(self) -> bool:
+        assert isinstance(self.controller, DockerInstanceController)
+        return self.controller._session is None
+
     async def close(self) -> None:
         assert isinstance(self.controller, DockerInstanceController)
         await self.controller.close()
@@ -121,6 +129,9 @@ class MemoryInstanceKit(InstanceKit):
     async def kill(self, workspace_id: str) -> None:
         self.memory.fail(workspace_id, 137)
 
+    def released(self) -> bool:
+        return not self.memory.is_open
+
     async def close(self) -> None:
         return None
 
@@ -147,6 +158,10 @@ class StorageKit(ABC):
     @abstractmethod
     async def add_foreign_volume(self, name: str) -> None:
         """A volume of that name made by someone else, without CodeHub's labels."""
+
+    def released(self, storage: StorageProvider) -> bool:
+        """`storage` holds nothing it opened (what leaving `async with` must do)."""
+        return True  # a provider that opens nothing of its own
 
     def volume_name(self, workspace_id: str) -> str:
         """The name `provision()` is expected to give (ownership checks need it)."""
@@ -203,6 +218,10 @@ class MemoryStorageKit(StorageKit):
     async def add_foreign_volume(self, name: str) -> None:
         self.world[name] = MemoryVolume(name, {})
 
+    def released(self, storage: StorageProvider) -> bool:
+        assert isinstance(storage, MemoryStorageProvider)
+        return not storage.is_open
+
 
 # --- ObjectStore --------------------------------------------------------------------------
 
@@ -214,6 +233,10 @@ class ObjectKit(ABC):
     async def overwrite_bytes(self, key: str, data: bytes) -> None:
         """Replace the stored object's bytes behind the store's back (its meta stays)."""
 
+    def released(self) -> bool:
+        """The store holds nothing it opened (what leaving `async with` must do)."""
+        return True  # a store that opens nothing it must release (a local directory)
+
 
 class S3ObjectKit(ObjectKit):
     def __init__(self, store: S3ObjectStore) -> None:
@@ -222,6 +245,10 @@ class S3ObjectKit(ObjectKit):
     async def overwrite_bytes(self, key: str, data: bytes) -> None:
         assert isinstance(self.store, S3ObjectStore)
         await self.store.client.put_object(Bucket=self.store.bucket, Key=key, Body=data)
+
+    def released(self) -> bool:
+        assert isinstance(self.store, S3ObjectStore)
+        return self.store._client is None
 
 
 class LocalObjectKit(ObjectKit):
@@ -241,3 +268,6 @@ class MemoryObjectKit(ObjectKit):
 
     async def overwrite_bytes(self, key: str, data: bytes) -> None:
         self.memory.objects[key] = data
+
+    def released(self) -> bool:
+        return not self.memory.is_open

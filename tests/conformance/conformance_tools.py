@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from codehub.interfaces import AdapterError, ObjectMeta, ObjectStore
+from codehub.interfaces import Adapter, AdapterError, ObjectMeta, ObjectStore
 
 T = TypeVar("T")
 
@@ -22,6 +22,19 @@ async def must_succeed(call: Awaitable[T], what: str) -> T:
         return await call
     except Exception as exc:
         pytest.fail(f"{what} must succeed but raised {type(exc).__name__}: {exc}")
+
+
+async def assert_lifetime(adapter: Adapter, use: Callable[[], Awaitable[Any]],
+                         released: Callable[[], bool]) -> None:
+    """The lifetime of codehub.interfaces.Adapter: `async with adapter` gives the adapter,
+    which works inside (`use()`); leaving closes it (`released()`: it holds nothing it
+    opened); a second close is fine; and a closed adapter may be opened again."""
+    for attempt in ("first", "second"):
+        async with adapter as entered:
+            assert entered is adapter, "`async with` gave something else than the adapter"
+            await must_succeed(use(), f"a call inside the {attempt} `async with`")
+        assert released(), f"leaving the {attempt} `async with` did not close the adapter"
+        await must_succeed(adapter.close(), "a second close")
 
 
 async def cancel_when(call: Coroutine[Any, Any, Any],

@@ -72,7 +72,7 @@ async def object_kit(request: pytest.FixtureRequest, tmp_path: Path
         yield MemoryObjectKit()
     elif request.param == "local":
         kit = LocalObjectKit(tmp_path / "objects")
-        await kit.store.start()  # type: ignore[attr-defined]
+        await kit.store.open()
         yield kit
     else:
         async with s3_objects(request.getfixturevalue("s3_settings")) as objects:

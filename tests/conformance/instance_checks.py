@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from conformance_kits import InstanceKit
-from conformance_tools import cancel_when, must_succeed
+from conformance_tools import assert_lifetime, cancel_when, must_succeed
 
 from codehub.interfaces import AdapterError, PermanentError
 from codehub.model import InstanceState
@@ -155,6 +155,10 @@ async def check_list_managed_reports_every_instance_and_forgets_removed_ones(
     assert await _ids(kit) == [W2]
     await kit.controller.delete(W2)
     assert await _ids(kit) == []
+
+
+async def check_works_as_an_async_context_manager_and_closes(kit: InstanceKit) -> None:
+    await assert_lifetime(kit.controller, lambda: kit.controller.get_status(W1), kit.released)
 
 
 CHECKS = [f for name, f in list(globals().items()) if name.startswith("check_")]

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from conformance_kits import ObjectKit
-from conformance_tools import cancel_when, must_succeed, read_object
+from conformance_tools import assert_lifetime, cancel_when, must_succeed, read_object
 
 from codehub.interfaces import IntegrityError, PermanentError
 
@@ -133,6 +133,10 @@ async def check_list_keys_lists_objects_by_prefix_and_never_their_meta(kit: Obje
     assert await kit.store.list_keys() == keys
     assert await kit.store.list_keys("w1/") == keys[:1]
     assert await kit.store.list_keys("w3/") == []
+
+
+async def check_works_as_an_async_context_manager_and_closes(kit: ObjectKit) -> None:
+    await assert_lifetime(kit.store, kit.store.list_keys, kit.released)
 
 
 CHECKS = [f for name, f in list(globals().items()) if name.startswith("check_")]

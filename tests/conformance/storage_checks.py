@@ -19,6 +19,7 @@ from conformance_kits import StorageKit, digests, home_tar
 from conformance_tools import (
     FaultyObjects,
     InjectedFault,
+    assert_lifetime,
     cancel_when,
     must_succeed,
     read_object,
@@ -76,7 +77,7 @@ async def check_provision_and_purge_refuse_a_volume_that_is_not_ours(kit: Storag
         await storage.provision(W1)
     with pytest.raises(PermanentError):
         await storage.purge(name, None)
-    assert await storage.get_volume_status(W1, name) is VolumeState.PRESENT
+    assert await storage.get_volume_status(W1, name) is VolumeState.MISSING
     assert name not in [r.name for r in await storage.list_managed()]
 
 
@@ -86,6 +87,37 @@ async def check_get_volume_status_of_an_unknown_volume_is_missing_and_changes_no
     for _ in range(2):
         assert await storage.get_volume_status(W1, kit.volume_name(W1)) is VolumeState.MISSING
     assert await storage.list_managed() == []
+
+
+async def check_get_volume_status_is_present_only_for_the_workspace_own_volume(
+        kit: StorageKit) -> None:
+    storage = kit.storage()
+    key = await storage.provision(W1)
+    assert await storage.get_volume_status(W1, key) is VolumeState.PRESENT
+    assert await storage.get_volume_status(W2, key) is VolumeState.MISSING, \
+        "another workspace's volume reads PRESENT"
+    foreign = kit.volume_name("w3")
+    await kit.add_foreign_volume(foreign)
+    assert await storage.get_volume_status("w3", foreign) is VolumeState.MISSING, \
+        "a volume CodeHub does not manage reads PRESENT"
+
+
+async def check_list_managed_of_a_workspace_finds_its_own_volumes_only(
+        kit: StorageKit) -> None:
+    storage = kit.storage()
+    keys = [await storage.provision(wid) for wid in (W1, W2)]
+    await kit.add_foreign_volume(kit.volume_name("w3"))
+    assert await storage.list_managed(W1) == [ManagedResource("volume", keys[0], W1)]
+    assert await storage.list_managed(W2) == [ManagedResource("volume", keys[1], W2)]
+    assert await storage.list_managed("w3") == []
+    with pytest.raises(PermanentError):
+        await storage.list_managed("../w1")
+
+
+async def check_works_as_an_async_context_manager_and_closes(kit: StorageKit) -> None:
+    storage = kit.storage()
+    await assert_lifetime(storage, lambda: storage.get_volume_status(W1, kit.volume_name(W1)),
+                         lambda: kit.released(storage))
 
 
 async def check_an_invalid_workspace_id_is_a_permanent_error(kit: StorageKit) -> None:

@@ -21,8 +21,14 @@ from codehub.backends.memory import (
     MemoryVolume,
 )
 from codehub.constants import ARCHIVE_FORMAT
-from codehub.interfaces import AdapterError, ArchiveInfo, ObjectMeta, ProgressCallback
-from codehub.model import InstanceState
+from codehub.interfaces import (
+    AdapterError,
+    ArchiveInfo,
+    ManagedResource,
+    ObjectMeta,
+    ProgressCallback,
+)
+from codehub.model import InstanceState, VolumeState
 
 FAILED = (AssertionError, pytest.fail.Exception)
 
@@ -111,6 +117,23 @@ class RestoreKeepsHalfMadeVolumes(MemoryStorageProvider):
         return None
 
 
+class VolumeStatusIgnoresTheWorkspace(MemoryStorageProvider):
+    """The Docker provider's old bug: any volume of that name reads PRESENT."""
+
+    async def get_volume_status(self, workspace_id: str, home_store_key: str) -> VolumeState:
+        return VolumeState.PRESENT if home_store_key in self.volumes else VolumeState.MISSING
+
+
+class ListManagedIgnoresTheWorkspace(MemoryStorageProvider):
+    async def list_managed(self, workspace_id: str | None = None) -> list[ManagedResource]:
+        return await super().list_managed()
+
+
+class CloseKeepsTheProviderOpen(MemoryStorageProvider):
+    async def close(self) -> None:
+        return None
+
+
 # --- broken ObjectStores ------------------------------------------------------------------
 
 
@@ -141,6 +164,17 @@ class HeadTrustsTheMeta(MemoryObjectStore):
         return self.metas.get(key)
 
 
+class CloseKeepsTheStoreOpen(MemoryObjectStore):
+    async def close(self) -> None:
+        return None
+
+
+class EnterGivesAnotherObject(MemoryInstanceController):
+    async def __aenter__(self) -> Any:
+        await self.open()
+        return MemoryInstanceController()
+
+
 Check = Callable[[Any], Awaitable[None]]
 CASES = [
     pytest.param(instance_checks.check_stop_and_delete_are_idempotent_and_leave_the_volume,
@@ -169,6 +203,19 @@ CASES = [
                  check_a_restore_cancelled_midway_keeps_the_archive_and_a_rerun_restores_it,
                  MemoryStorageKit, RestoreKeepsHalfMadeVolumes,
                  id="cancelled-restore-keeps-its-half-made-volume"),
+    pytest.param(storage_checks.
+                 check_get_volume_status_is_present_only_for_the_workspace_own_volume,
+                 MemoryStorageKit, VolumeStatusIgnoresTheWorkspace,
+                 id="volume-status-ignores-the-workspace"),
+    pytest.param(storage_checks.check_list_managed_of_a_workspace_finds_its_own_volumes_only,
+                 MemoryStorageKit, ListManagedIgnoresTheWorkspace,
+                 id="list-managed-ignores-the-workspace"),
+    pytest.param(storage_checks.check_works_as_an_async_context_manager_and_closes,
+                 MemoryStorageKit, CloseKeepsTheProviderOpen, id="storage-close-keeps-it-open"),
+    pytest.param(object_checks.check_works_as_an_async_context_manager_and_closes,
+                 MemoryObjectKit, CloseKeepsTheStoreOpen, id="objects-close-keeps-it-open"),
+    pytest.param(instance_checks.check_works_as_an_async_context_manager_and_closes,
+                 MemoryInstanceKit, EnterGivesAnotherObject, id="enter-gives-another-object"),
     pytest.param(object_checks.check_a_failed_put_stream_leaves_nothing_that_looks_complete,
                  MemoryObjectKit, FailedPutKeepsTheOldMeta, id="failed-put-keeps-the-old-meta"),
     pytest.param(object_checks.check_delete_is_idempotent_and_missing_keys_read_as_absent,

@@ -29,12 +29,12 @@ from aiohttp import web
 from harness import services
 
 from codehub import api, gateway, health, keys, signing
+from codehub.backends.docker.containers import DockerInstanceController
 from codehub.clock import Clock
 from codehub.config import AuthConfig, Config, DockerConfig, GatewayConfig, ServerConfig
 from codehub.hints import InProcessHintBus
 from codehub.interfaces import HintBus
 from codehub.model import DesiredState, Operation, Status, Workspace
-from codehub.runtime.docker import DockerInstanceController
 from codehub.store import Store, migrate
 
 ECHO_ID = "echo"

@@ -14,13 +14,13 @@ import aiodocker
 import playwright.async_api as playwright_api
 from gateway_support import ADMIN_TOKEN, Stack, client, controller, wait_for
 
+from codehub.backends.docker.containers import DockerInstanceController
+from codehub.backends.docker.volumes import DockerVolumeStorage
+from codehub.backends.objects import LocalObjectStore
 from codehub.clock import SystemClock
 from codehub.model import DesiredState, Operation, Status
 from codehub.reconciler.controller import Controller, Schedule
 from codehub.reconciler.reconciler import Policy, Reconciler
-from codehub.runtime.docker import DockerInstanceController
-from codehub.storage.objects import LocalObjectStore
-from codehub.storage.volumes import DockerVolumeStorage
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -94,7 +94,7 @@ async def real_reconciler(stack: Stack, tmp_path: Path, *, ttl_sweep_interval: f
     docker = aiodocker.Docker(url=stack.up.docker_url)
     instances = controller(stack.up, docker)
     objects = LocalObjectStore(tmp_path / "objects")
-    await objects.start()
+    await objects.open()
     storage = DockerVolumeStorage(docker=docker, objects=objects, helper_image=stack.up.image,
                                   volume_prefix=f"{stack.up.prefix}-home-")
     slow = SlowStart(instances)

@@ -1,6 +1,6 @@
 """An InstanceController whose "containers" are entries in a dict.
 
-Guarantees (those of codehub.runtime.docker that a caller can see):
+Guarantees (those of codehub.backends.docker.containers that a caller can see):
 - A workspace has at most one instance, named `<name_prefix><id>` and listed by
   `list_managed()`; every instance carries a `number` that changes only when an instance
   is made anew.
@@ -37,6 +37,7 @@ from ...interfaces import (
 )
 from ...model import InstanceState
 from ..rules import check_workspace_id
+from .lifetime import Lifetime
 from .storage import MemoryStorageProvider
 
 LOOPBACK = UpstreamInfo("127.0.0.1", 8080)
@@ -52,7 +53,7 @@ class MemoryInstance:
     exit_code: int | None = None
 
 
-class MemoryInstanceController(InstanceController):
+class MemoryInstanceController(Lifetime, InstanceController):
     """Instances in `instances` (workspace id -> MemoryInstance)."""
 
     def __init__(self, storage: MemoryStorageProvider | None = None, *,
@@ -66,12 +67,6 @@ class MemoryInstanceController(InstanceController):
         self._prefix = name_prefix
         self._upstream = upstream
         self._made = 0
-
-    async def __aenter__(self) -> MemoryInstanceController:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
     def container_name(self, workspace_id: str) -> str:
         check_workspace_id(workspace_id)

@@ -1,6 +1,6 @@
 """An ObjectStore in a dict: archives as bytes, their meta beside them.
 
-Guarantees (those of codehub.storage.objects, kept in memory):
+Guarantees (those of codehub.backends.objects, kept in memory):
 - The meta of a key exists only next to a complete object it describes: `put_stream`
   drops the old meta before it reads the stream and sets the new one after the object, so
   a failure or a cancellation at any await leaves either no meta or a true one.
@@ -24,23 +24,18 @@ from datetime import UTC, datetime
 from ...constants import ARCHIVE_FORMAT
 from ...interfaces import IntegrityError, ObjectMeta, ObjectStore, PermanentError
 from ..rules import check_object_key
+from .lifetime import Lifetime
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 
 
-class MemoryObjectStore(ObjectStore):
+class MemoryObjectStore(Lifetime, ObjectStore):
     """Archives in `objects` (key -> bytes) with their meta in `metas`."""
 
     def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.objects: dict[str, bytes] = {}
         self.metas: dict[str, ObjectMeta] = {}
         self._chunk_size = chunk_size
-
-    async def __aenter__(self) -> MemoryObjectStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
     async def put_stream(
         self, key: str, chunks: AsyncIterator[bytes], *, fmt: str = ARCHIVE_FORMAT

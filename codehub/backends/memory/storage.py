@@ -1,6 +1,6 @@
 """A StorageProvider whose volumes are dicts of files, archived to any ObjectStore.
 
-Guarantees (those of codehub.storage.volumes that a caller can see):
+Guarantees (those of codehub.backends.docker.volumes that a caller can see):
 - Every volume made here carries `codehub.managed-by=codehub`, `codehub.workspace-id=<id>`
   and `codehub.role=home`; one without our label is never deleted or reused
   (PermanentError), nor one of another workspace.
@@ -39,10 +39,9 @@ from dataclasses import dataclass, field
 
 from ...constants import (
     ARCHIVE_FORMAT,
-    LABEL_MANAGED_BY,
-    LABEL_MANAGED_BY_VALUE,
-    LABEL_ROLE,
+    LABEL_RESTORED_FROM,
     LABEL_WORKSPACE_ID,
+    ROLE_HOME,
     archive_key,
 )
 from ...interfaces import (
@@ -57,11 +56,17 @@ from ...interfaces import (
 )
 from ...model import VolumeState
 from ...storage.tarfilter import TarFilter
-from ..rules import check_workspace_id, restorable
+from ..rules import (
+    check_workspace_id,
+    is_managed,
+    owned_by,
+    ownership_labels,
+    require_ours,
+    restorable,
+)
+from .lifetime import Lifetime
 
 TOP = "coder"
-ROLE_HOME = "home"
-LABEL_RESTORED_FROM = "codehub.restored-from-sha256"
 DEFAULT_CHUNK_SIZE = 64 * 1024
 
 
@@ -73,11 +78,6 @@ class MemoryVolume:
     labels: dict[str, str]
     files: dict[str, bytes] = field(default_factory=dict)
     size_limit: int | None = None
-
-
-def _labels(workspace_id: str, **extra: str) -> dict[str, str]:
-    return {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID: workspace_id,
-            LABEL_ROLE: ROLE_HOME, **extra}
 
 
 async def _report(callback: ProgressCallback | None, phase: str, done: int,
@@ -131,7 +131,7 @@ def _files_of(archive: bytes, what: str, owner: tuple[int, int], limit: int | No
     return files
 
 
-class MemoryStorageProvider(StorageProvider):
+class MemoryStorageProvider(Lifetime, StorageProvider):
     """Homes in `volumes` (name -> MemoryVolume), archives in `objects`."""
 
     def __init__(self, objects: ObjectStore, *, volume_prefix: str = "codehub-home-",
@@ -144,12 +144,6 @@ class MemoryStorageProvider(StorageProvider):
         self._owner = home_owner
         self._chunk_size = chunk_size
 
-    async def __aenter__(self) -> MemoryStorageProvider:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
     def volume_name(self, workspace_id: str) -> str:
         check_workspace_id(workspace_id)
         return f"{self._prefix}{workspace_id}"
@@ -159,27 +153,24 @@ class MemoryStorageProvider(StorageProvider):
 
     def _require_ours(self, name: str, workspace_id: str | None) -> MemoryVolume | None:
         volume = self.volumes.get(name)
-        if volume is None:
-            return None
-        if volume.labels.get(LABEL_MANAGED_BY) != LABEL_MANAGED_BY_VALUE:
-            raise PermanentError(f"volume {name} is not managed by CodeHub")
-        owner = volume.labels.get(LABEL_WORKSPACE_ID)
-        if workspace_id is not None and owner != workspace_id:
-            raise PermanentError(f"volume {name} belongs to workspace {owner!r}, "
-                                 f"not {workspace_id!r}")
+        if volume is not None:
+            require_ours(volume.labels, f"volume {name}", workspace_id)
         return volume
 
     async def provision(self, workspace_id: str, size_limit: int | None = None) -> str:
         name = self.volume_name(workspace_id)
         await asyncio.sleep(0)
         if self._require_ours(name, workspace_id) is None:
-            self.volumes[name] = MemoryVolume(name, _labels(workspace_id),
+            self.volumes[name] = MemoryVolume(name, ownership_labels(workspace_id, ROLE_HOME),
                                               size_limit=size_limit or self._size_limit)
         return name
 
     async def get_volume_status(self, workspace_id: str, home_store_key: str) -> VolumeState:
+        check_workspace_id(workspace_id)
         await asyncio.sleep(0)
-        return VolumeState.PRESENT if home_store_key in self.volumes else VolumeState.MISSING
+        volume = self.volumes.get(home_store_key)
+        ours = volume is not None and owned_by(volume.labels, workspace_id)
+        return VolumeState.PRESENT if ours else VolumeState.MISSING
 
     async def archive(self, workspace_id: str, home_store_key: str,
                       progress: ProgressCallback | None = None) -> ArchiveInfo:
@@ -218,8 +209,8 @@ class MemoryStorageProvider(StorageProvider):
         name = self.restored_volume_name(workspace_id, expected)
         self._discard(name, workspace_id)
         limit = size_limit or self._size_limit
-        volume = MemoryVolume(name, _labels(workspace_id, **{LABEL_RESTORED_FROM: expected}),
-                              size_limit=limit)
+        labels = ownership_labels(workspace_id, ROLE_HOME, {LABEL_RESTORED_FROM: expected})
+        volume = MemoryVolume(name, labels, size_limit=limit)
         self.volumes[name] = volume  # half made until it returns
         try:
             data = await self._read_verified(archive_key, meta.size, expected, progress)
@@ -259,13 +250,17 @@ class MemoryStorageProvider(StorageProvider):
         if archive_key is not None:
             await self.objects.delete(archive_key)
 
-    async def list_managed(self) -> list[ManagedResource]:
+    async def list_managed(self, workspace_id: str | None = None) -> list[ManagedResource]:
+        if workspace_id is not None:
+            check_workspace_id(workspace_id)
         await asyncio.sleep(0)
         return sorted((ManagedResource("volume", v.name, v.labels[LABEL_WORKSPACE_ID])
                        for v in self.volumes.values()
-                       if v.labels.get(LABEL_MANAGED_BY) == LABEL_MANAGED_BY_VALUE
+                       if is_managed(v.labels)
                        and v.name.startswith(self._prefix)
-                       and LABEL_WORKSPACE_ID in v.labels), key=lambda r: r.name)
+                       and LABEL_WORKSPACE_ID in v.labels
+                       and workspace_id in (None, v.labels[LABEL_WORKSPACE_ID])),
+                      key=lambda r: r.name)
 
     # --- what a workspace's user or an operator does (for tests) ----------------------
 

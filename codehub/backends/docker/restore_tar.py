@@ -6,7 +6,7 @@ Guarantees:
   created, never started helper). Then GNU tar from `helper_image` runs in a helper on
   the restore network only, as the home's owner, with no capability at all, no new
   privileges, a read-only root file system and a few processes; it reads the verified
-  tar from this process over a one-time connection (codehub.storage.feed: only that
+  tar from this process over a one-time connection (codehub.backends.docker.feed: only that
   helper's address, only with its 256-bit token, only once).
 - A failed stream resets the connection (tar sees an error, never an end of stream);
   tar exiting early, or without reading everything, is an AdapterError with its last log
@@ -23,11 +23,11 @@ from typing import Any
 
 import aiodocker
 
-from ..interfaces import AdapterError, PermanentError
-from ..runtime.engine import docker_errors, log_tail
-from ..runtime.network import BridgeNetwork
+from ...interfaces import AdapterError, PermanentError
+from .engine import docker_errors, log_tail
 from .feed import FeedConnection, FeedListener, ListenError
 from .helpers import MOUNT_PARENT, TOP, Helpers
+from .network import BridgeNetwork
 from .transport import RestoreJob, RestoreTransport
 
 CONNECT_TIMEOUT = 60.0  # seconds a started tar helper gets to connect back

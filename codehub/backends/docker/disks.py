@@ -35,9 +35,9 @@ from typing import Any
 
 import aiodocker
 
-from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_ROLE
-from ..interfaces import AdapterError, PermanentError
-from ..runtime.engine import TRANSPORT_ERRORS, docker_failure, ensure_image, remove_container
+from ...constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_ROLE
+from ...interfaces import AdapterError, PermanentError
+from .engine import TRANSPORT_ERRORS, docker_failure, ensure_image, remove_container
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 _PATH = re.compile(r"^/[A-Za-z0-9_./-]+$")

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
-from ..interfaces import AdapterError
+from ...interfaces import AdapterError
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a connection gets to send the token line
 WRITE_BUFFER = 4 * 1024 * 1024  # bytes queued in the transport before drain() waits

@@ -44,7 +44,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..interfaces import PermanentError
+from ...interfaces import PermanentError
 
 # Never reachable from a workspace under egress "public": RFC 6890 special-purpose ranges
 # that are not the public internet (private, loopback, link-local with the cloud metadata

@@ -1,5 +1,5 @@
-"""Talking to the Docker engine, shared by the runtime and storage adapters: how its
-failures become AdapterError / PermanentError, "404 means gone", ownership labels, images
+"""Talking to the Docker engine, shared by the container and volume adapters: how its
+failures become AdapterError / PermanentError, "404 means gone", images
 made present, container log tails.
 
 Guarantees:
@@ -15,14 +15,12 @@ Guarantees:
   does not exist (404); `remove_container()` / `delete_volume()` / `delete_network()`
   return quietly for it (and for a container removal already in progress). Every other
   failure is a retryable AdapterError naming what was asked.
-- `require_ours(labels, what, workspace_id)` raises PermanentError unless the labels say
-  CodeHub manages the object (and, with `workspace_id`, that it belongs to that workspace).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 import aiodocker
@@ -30,9 +28,7 @@ import aiohttp
 from aiodocker.networks import DockerNetwork
 from aiodocker.volumes import DockerVolume
 
-from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID
-from ..interfaces import AdapterError, PermanentError
-from ..model import WORKSPACE_ID
+from ...interfaces import AdapterError, PermanentError
 
 T = TypeVar("T")
 TRANSPORT_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, TimeoutError)
@@ -75,12 +71,6 @@ async def log_tail(docker: aiodocker.Docker, name: str, lines: int = LOG_LINES) 
     return "; logs unavailable"
 
 
-def check_workspace_id(workspace_id: str) -> None:
-    """Refuse an id outside model.WORKSPACE_ID before it becomes part of an engine name."""
-    if not WORKSPACE_ID.fullmatch(workspace_id):
-        raise PermanentError(f"invalid workspace id {workspace_id!r}")
-
-
 @contextlib.contextmanager
 def docker_errors(what: str) -> Iterator[None]:
     """Engine and transport failures are worth retrying; say what we were doing."""
@@ -88,7 +78,6 @@ def docker_errors(what: str) -> Iterator[None]:
         yield
     except TRANSPORT_ERRORS as exc:
         raise docker_failure(what, exc) from exc
-
 
 
 async def _unless_gone(what: str, request: Awaitable[T], *, going_is_gone: bool = False
@@ -146,15 +135,3 @@ async def delete_network(docker: aiodocker.Docker, name: str) -> None:
     """Delete a network; one that is gone is fine."""
     network = DockerNetwork(docker, name)  # type: ignore[no-untyped-call]
     await _unless_gone(f"deleting network {name}", network.delete())
-
-
-def require_ours(labels: Mapping[str, str] | None, what: str,
-                 workspace_id: str | None = None) -> None:
-    """PermanentError unless CodeHub manages `what` (of `workspace_id`, when given)."""
-    labels = labels or {}
-    if labels.get(LABEL_MANAGED_BY) != LABEL_MANAGED_BY_VALUE:
-        raise PermanentError(f"{what} exists and is not managed by CodeHub: refusing to "
-                             "touch it")
-    if workspace_id is not None and labels.get(LABEL_WORKSPACE_ID) != workspace_id:
-        raise PermanentError(f"{what} belongs to workspace "
-                             f"{labels.get(LABEL_WORKSPACE_ID)!r}, not {workspace_id!r}")

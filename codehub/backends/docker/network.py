@@ -2,7 +2,7 @@
 
 CodeHub runs in the Docker host's network namespace (on the host, or in a container run
 with `--network host`): that is the one place from which every workspace is reachable,
-and the firewall (codehub.runtime.firewall) makes it the only one.
+and the firewall (codehub.backends.docker.firewall) makes it the only one.
 
 Guarantees:
 - `ensure()` creates the network when it is missing (bridge, inter-container traffic off,
@@ -29,8 +29,8 @@ from typing import Any
 
 import aiodocker
 
-from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE
-from ..interfaces import AdapterError, PermanentError
+from ...constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE
+from ...interfaces import AdapterError, PermanentError
 from .engine import (
     TRANSPORT_ERRORS,
     delete_network,
@@ -52,7 +52,7 @@ class BridgeNetwork:
                  firewall: Firewall | None = None, egress: str = "none",
                  allow: Sequence[str] = (), host_tcp: bool = False,
                  dns: Sequence[str] = ()) -> None:
-        """`egress`: "none" or "public" (see codehub.runtime.firewall). `host_tcp`: members
+        """`egress`: "none" or "public" (see codehub.backends.docker.firewall). `host_tcp`: members
         may open TCP connections to this process's address on the network (the restore
         network, whose only members are our helpers)."""
         if egress not in ("none", "public"):

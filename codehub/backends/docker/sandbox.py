@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..constants import DOCKER_DEFAULT_CAPABILITIES
+from ...constants import DOCKER_DEFAULT_CAPABILITIES
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """How a restore's verified tar reaches a new volume: the contract of a restore transport.
 
 Two transports keep it: Docker's put-archive through a created, never started helper
-(codehub.storage.restore_put) and GNU tar in a helper on a restore network fed over a
-one-time connection (codehub.storage.restore_tar).
+(codehub.backends.docker.restore_put) and GNU tar in a helper on a restore network fed over a
+one-time connection (codehub.backends.docker.restore_tar).
 
 Guarantees:
 - `RestoreTransport.extract(job)` returns the name of the helper it used (the caller
@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from .codec import VerifiedTar
+from ...storage.codec import VerifiedTar
 
 
 @dataclass(frozen=True, slots=True)

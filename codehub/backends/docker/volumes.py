@@ -5,9 +5,9 @@ Guarantees:
   `codehub.workspace-id=<id>`; a volume without our label is never deleted (PermanentError).
 - Nothing runs in the workspace's image. Volumes are read (and, without a restore network,
   written) through Docker's archive API on a helper container that is created and never
-  started (codehub.storage.helpers). With a restore network, restore instead runs GNU tar
-  from `helper_image` in a helper on that network only (codehub.storage.restore_tar);
-  without, through Docker's put-archive (codehub.storage.restore_put). Helpers are named
+  started (codehub.backends.docker.helpers). With a restore network, restore instead runs GNU tar
+  from `helper_image` in a helper on that network only (codehub.backends.docker.restore_tar);
+  without, through Docker's put-archive (codehub.backends.docker.restore_put). Helpers are named
   after their volume, so a re-run or `purge` removes what a killed process left behind.
 - A restored home holds only what codehub.storage.tarfilter lets through, whichever
   extractor runs: members below `coder/` by clean paths (none through a symlink), no
@@ -59,17 +59,17 @@ from typing import Any
 
 import aiodocker
 
-from ..backends import rules
-from ..constants import (
+from ...constants import (
     ARCHIVE_FORMAT,
     LABEL_MANAGED_BY,
     LABEL_MANAGED_BY_VALUE,
-    LABEL_ROLE,
+    LABEL_RESTORED_FROM,
     LABEL_WORKSPACE_ID,
+    ROLE_HOME,
     archive_key,
 )
-from ..failpoints import failpoint
-from ..interfaces import (
+from ...failpoints import failpoint
+from ...interfaces import (
     AdapterError,
     ArchiveInfo,
     IntegrityError,
@@ -80,26 +80,23 @@ from ..interfaces import (
     ProgressCallback,
     StorageProvider,
 )
-from ..model import VolumeState
-from ..runtime.engine import (
-    check_workspace_id,
+from ...model import VolumeState
+from ...storage.codec import Expected, Tally, VerifiedTar, gzip_tar, report
+from ...storage.tarfilter import TarFilter
+from ..rules import check_workspace_id, owned_by, ownership_labels, require_ours, restorable
+from .disks import HomeDisks
+from .engine import (
     delete_volume,
     docker_errors,
     inspect_volume,
-    require_ours,
 )
-from ..runtime.network import BridgeNetwork
-from .codec import Expected, Tally, VerifiedTar, gzip_tar, report
-from .disks import HomeDisks
 from .helpers import TOP, Helpers
+from .network import BridgeNetwork
 from .restore_put import PutArchive
 from .restore_tar import TarHelper
-from .tarfilter import TarFilter
 from .transport import RestoreJob, RestoreTransport
 
-ROLE_HOME = "home"
-LABEL_RESTORED_FROM = "codehub.restored-from-sha256"
-LABEL_HOME_DISK = "codehub.home-disk"  # a size-limited home (codehub.storage.disks)
+LABEL_HOME_DISK = "codehub.home-disk"  # a size-limited home (codehub.backends.docker.disks)
 
 
 class DockerVolumeStorage(StorageProvider):
@@ -179,15 +176,13 @@ class DockerVolumeStorage(StorageProvider):
             await self._disks.ensure_mounted(home_store_key)
 
     async def get_volume_status(self, workspace_id: str, home_store_key: str) -> VolumeState:
+        check_workspace_id(workspace_id)
         info = await inspect_volume(self._docker, home_store_key)
-        return VolumeState.MISSING if info is None else VolumeState.PRESENT
+        ours = info is not None and owned_by(info.get("Labels"), workspace_id)
+        return VolumeState.PRESENT if ours else VolumeState.MISSING
 
-    async def archive(
-        self,
-        workspace_id: str,
-        home_store_key: str,
-        progress: ProgressCallback | None = None,
-    ) -> ArchiveInfo:
+    async def archive(self, workspace_id: str, home_store_key: str,
+                      progress: ProgressCallback | None = None) -> ArchiveInfo:
         key = self.archive_key(workspace_id)
         info = await inspect_volume(self._docker, home_store_key)
         if info is None:
@@ -224,14 +219,9 @@ class DockerVolumeStorage(StorageProvider):
         assert head is not None
         return head
 
-    async def restore(
-        self,
-        workspace_id: str,
-        archive_key: str,
-        expected_sha256: str,
-        progress: ProgressCallback | None = None,
-        size_limit: int | None = None,
-    ) -> str:
+    async def restore(self, workspace_id: str, archive_key: str, expected_sha256: str,
+                      progress: ProgressCallback | None = None,
+                      size_limit: int | None = None) -> str:
         check_workspace_id(workspace_id)
         expected = await self._expected(workspace_id, archive_key, expected_sha256)
         limit = size_limit or self._size_limit
@@ -257,7 +247,7 @@ class DockerVolumeStorage(StorageProvider):
     async def _expected(self, workspace_id: str, key: str, sha256: str) -> Expected:
         """What the archive must be, once its stored meta agrees with the caller's sha256
         (backends/rules.py: the same preconditions every StorageProvider checks)."""
-        meta = await rules.restorable(self._objects, workspace_id, key, sha256)
+        meta = await restorable(self._objects, workspace_id, key, sha256)
         return Expected(key, meta.size, sha256.lower())
 
     async def purge(self, home_store_key: str | None, archive_key: str | None) -> None:
@@ -273,10 +263,14 @@ class DockerVolumeStorage(StorageProvider):
         if archive_key is not None:
             await self._objects.delete(archive_key)
 
-    async def list_managed(self) -> list[ManagedResource]:
+    async def list_managed(self, workspace_id: str | None = None) -> list[ManagedResource]:
+        wanted = [f"{LABEL_MANAGED_BY}={LABEL_MANAGED_BY_VALUE}"]
+        if workspace_id is not None:
+            check_workspace_id(workspace_id)
+            wanted.append(f"{LABEL_WORKSPACE_ID}={workspace_id}")
         with docker_errors("listing volumes"):
             answer = await self._docker.volumes.list(  # type: ignore[no-untyped-call]
-                filters={"label": [f"{LABEL_MANAGED_BY}={LABEL_MANAGED_BY_VALUE}"]})
+                filters={"label": wanted})
         found = []
         for vol in answer.get("Volumes") or []:
             labels = vol.get("Labels") or {}
@@ -288,8 +282,7 @@ class DockerVolumeStorage(StorageProvider):
 
     async def _create_volume(self, name: str, workspace_id: str, extra: dict[str, str],
                              size_limit: int | None) -> dict[str, Any]:
-        labels = {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID: workspace_id,
-                  LABEL_ROLE: ROLE_HOME, **extra}
+        labels = ownership_labels(workspace_id, ROLE_HOME, extra)
         spec: dict[str, Any] = {"Name": name, "Driver": "local", "Labels": labels}
         if self._disks is not None and size_limit:
             # The file system first: a crash before the volume exists is redone by a re-run.

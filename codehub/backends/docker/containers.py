@@ -5,7 +5,7 @@ Guarantees:
   `codehub.managed-by=codehub`, `codehub.workspace-id=<id>`, `codehub.role=workspace`, on
   one dedicated bridge network, home volume at /home/coder, no published ports, restart
   policy "no", the configured command, and the confinement of its Sandbox
-  (codehub.runtime.sandbox: no capabilities, no new privileges, pids/memory/CPU limits,
+  (codehub.backends.docker.sandbox: no capabilities, no new privileges, pids/memory/CPU limits,
   a read-only root with a private /tmp).
 - `start()` is idempotent: a running container built from the same spec (image, volume,
   command, limits, network, port: hashed into the `codehub.spec` label) is reused; a stopped,
@@ -23,7 +23,7 @@ Guarantees:
 - `get_status()` changes nothing and costs one inspect plus, for a running container, one
   HTTP probe of at most `probe_timeout` seconds.
 - The network is created on first use when missing, with its firewall
-  (codehub.runtime.network, codehub.runtime.firewall): a workspace reaches no other
+  (codehub.backends.docker.network, codehub.backends.docker.firewall): a workspace reaches no other
   workspace, no address of the host, and outside only what the egress policy allows;
   only the host's network namespace, where this process runs, reaches the workspaces.
 
@@ -31,7 +31,8 @@ Reachability: on a Linux engine the host holds the bridge's gateway address, so 
 on the host reaches container addresses on an internal bridge directly (checked on Docker
 20.10; `Internal` only removes the route out and the NAT). The tests assert this.
 
-Lifecycle: call `close()` once at shutdown (it closes the HTTP session used for probes).
+Lifetime (codehub.interfaces.Adapter): leaving `async with` (or `close()`) closes the HTTP
+session used for probes; the engine client is the caller's.
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ from typing import Any
 import aiodocker
 import aiohttp
 
-from ..constants import (
+from ...constants import (
     LABEL_MANAGED_BY,
     LABEL_MANAGED_BY_VALUE,
     LABEL_ROLE,
     LABEL_WORKSPACE_ID,
+    ROLE_WORKSPACE,
 )
-from ..interfaces import (
+from ...interfaces import (
     AdapterError,
     InstanceController,
     InstanceStatus,
@@ -62,22 +64,20 @@ from ..interfaces import (
     PermanentError,
     UpstreamInfo,
 )
-from ..model import InstanceState
+from ...model import InstanceState
+from ..rules import check_workspace_id, ownership_labels, require_ours
 from .engine import (
     TRANSPORT_ERRORS,
-    check_workspace_id,
     docker_failure,
     ensure_image,
     inspect_container,
     inspect_volume,
     log_tail,
     remove_container,
-    require_ours,
 )
 from .network import BridgeNetwork
 from .sandbox import Sandbox
 
-ROLE_WORKSPACE = "workspace"
 LABEL_SPEC = "codehub.spec"
 HOME = "/home/coder"
 DEFAULT_COMMAND = ("--auth", "none", "--bind-addr", "0.0.0.0:8080")
@@ -92,6 +92,27 @@ def _age_seconds(started_at: str) -> float:
     base, frac, zone = match.groups()
     stamp = f"{base}.{(frac or '0')[:6].ljust(6, '0')}{'+00:00' if zone == 'Z' else zone}"
     return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
+
+
+def _bridges(docker: aiodocker.Docker, network: str | BridgeNetwork | Sequence[BridgeNetwork],
+             gateway_container: str | None) -> tuple[BridgeNetwork, ...]:
+    """The networks of a controller (see its `network` argument)."""
+    if isinstance(network, str):
+        network = BridgeNetwork(docker, network, gateway_container)
+    bridges = (network,) if isinstance(network, BridgeNetwork) else tuple(network)
+    if not bridges:
+        raise ValueError("at least one network is needed")
+    return bridges
+
+
+def _sandbox(base: Sandbox, memory_limit_bytes: int | None, cpu_limit: float | None
+             ) -> Sandbox:
+    """`base` with the limits given outside it (None or 0: the sandbox's own)."""
+    if memory_limit_bytes is None and cpu_limit is None:
+        return base
+    return dataclasses.replace(
+        base, memory_limit_bytes=memory_limit_bytes or base.memory_limit_bytes,
+        cpu_limit=cpu_limit or base.cpu_limit)
 
 
 class DockerInstanceController(InstanceController):
@@ -127,20 +148,11 @@ class DockerInstanceController(InstanceController):
         every probe saved is wake-up latency) and the container inspected every
         `inspect_interval` (to notice it exiting)."""
         self._docker = docker
-        if isinstance(network, str):
-            network = BridgeNetwork(docker, network, gateway_container)
-        self._bridges = (network,) if isinstance(network, BridgeNetwork) else tuple(network)
-        if not self._bridges:
-            raise ValueError("at least one network is needed")
+        self._bridges = _bridges(docker, network, gateway_container)
         self._names = {b.name for b in self._bridges}
         self.network = self._bridges[0].name
         self._prefix = name_prefix
-        base = sandbox or Sandbox()
-        if memory_limit_bytes is not None or cpu_limit is not None:
-            base = dataclasses.replace(
-                base, memory_limit_bytes=memory_limit_bytes or base.memory_limit_bytes,
-                cpu_limit=cpu_limit or base.cpu_limit)
-        self.sandbox = base
+        self.sandbox = _sandbox(sandbox or Sandbox(), memory_limit_bytes, cpu_limit)
         self._command = list(command)
         self._port = port
         self._health_path = health_path if health_path.startswith("/") else "/" + health_path
@@ -152,7 +164,7 @@ class DockerInstanceController(InstanceController):
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
-        """Release the probe session. Idempotent."""
+        """Release the probe session (made again by the next probe). Idempotent."""
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -306,8 +318,7 @@ class DockerInstanceController(InstanceController):
         config: dict[str, Any] = {
             "Image": image_ref,
             "Cmd": self._command,
-            "Labels": {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE, LABEL_WORKSPACE_ID: workspace_id,
-                       LABEL_ROLE: ROLE_WORKSPACE, LABEL_SPEC: spec},
+            "Labels": ownership_labels(workspace_id, ROLE_WORKSPACE, {LABEL_SPEC: spec}),
             "HostConfig": host,
             "NetworkingConfig": {"EndpointsConfig": {bridge.name: {}}},
         }

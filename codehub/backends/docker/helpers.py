@@ -27,10 +27,11 @@ from typing import Any
 import aiodocker
 import aiohttp
 
-from ..constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_ROLE, LABEL_WORKSPACE_ID
-from ..failpoints import failpoint
-from ..interfaces import PermanentError
-from ..runtime.engine import (
+from ...constants import LABEL_MANAGED_BY, LABEL_MANAGED_BY_VALUE, LABEL_ROLE
+from ...failpoints import failpoint
+from ...interfaces import PermanentError
+from ..rules import ownership_labels
+from .engine import (
     docker_errors,
     docker_failure,
     ensure_image,
@@ -80,8 +81,7 @@ class Helpers:
         config: dict[str, Any] = {
             "Image": self.image,
             "Entrypoint": ["/codehub-helper-is-never-started"],
-            "Labels": {LABEL_MANAGED_BY: LABEL_MANAGED_BY_VALUE,
-                       LABEL_WORKSPACE_ID: workspace_id, LABEL_ROLE: ROLE_HELPER},
+            "Labels": ownership_labels(workspace_id, ROLE_HELPER),
             "NetworkDisabled": True,
             "HostConfig": {
                 "NetworkMode": "none",

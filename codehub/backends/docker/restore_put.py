@@ -5,7 +5,7 @@ Guarantees:
   started helper that mounts the new volume; Docker extracts it as root with owners,
   modes and nodes as written, which is why only what codehub.storage.tarfilter let
   through reaches it.
-- It keeps codehub.storage.transport's contract: success only for a tar read to its
+- It keeps codehub.backends.docker.transport's contract: success only for a tar read to its
   verified end that Docker accepted; the stream's own failure is the one raised.
 """
 
@@ -15,8 +15,8 @@ import contextlib
 
 import aiodocker
 
-from ..interfaces import AdapterError
-from ..runtime.engine import docker_errors
+from ...interfaces import AdapterError
+from .engine import docker_errors
 from .helpers import MOUNT_PARENT, STREAM_TIMEOUT, Helpers
 from .transport import RestoreJob, RestoreTransport
 
