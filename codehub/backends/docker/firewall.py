@@ -30,7 +30,8 @@ Guarantees:
   it again replaces the chains' contents. It uses the iptables variant (nft or legacy) in
   which Docker's DOCKER-USER chain lives, and raises PermanentError naming
   `docker.firewall` when it cannot (no iptables, no CAP_NET_ADMIN).
-- `Firewall.prune()` removes chains of ours whose bridge interface no longer exists.
+- `Firewall.prune()` removes chains of ours whose bridge interface no longer exists; a chain
+  another process (a second replica, a parallel test) removes meanwhile is no error.
 """
 
 from __future__ import annotations
@@ -166,7 +167,10 @@ class Firewall:
                 if match is None:
                     continue
                 fwd = match.group(1)
-                body = await self._run(variant, "-S", fwd)
+                try:
+                    body = await self._run(variant, "-S", fwd)
+                except PermanentError:  # removed meanwhile by another process's prune
+                    continue
                 iface = re.search(r" -i (\S+) -o ", body)
                 if iface is not None and await asyncio.to_thread(
                         os.path.exists, f"/sys/class/net/{iface.group(1)}"):
