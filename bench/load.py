@@ -323,6 +323,8 @@ async def measured(port: int, running: tuple[str, str], stop: float, t: Tally) -
                 except (aiohttp.ClientError, OSError, TimeoutError):
                     t.ready_errors += 1
             await asyncio.sleep(0.02)
+    # up to the end of the measured span, not later: the probes may still be waiting
+    t.gap = max(t.gap, min(time.monotonic(), stop) - t.last_ok)
 
 
 async def probe_beyond_limit(port: int, extra: int, start_after: float, stop: float,
@@ -355,7 +357,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.gather(
         measured(args.port, (args.workspace, args.cookie), stop, t),
         probe_beyond_limit(args.port, args.extra, time.monotonic() + 3, stop, t))
-    t.gap = max(t.gap, time.monotonic() - t.last_ok)
     return {"latencies": t.latencies, "gap": t.gap, "errors": t.errors, "ready_ok": t.ready_ok,
             "ready_errors": t.ready_errors, "beyond": t.half_open_refused_after,
             "probe_connect": t.probe_connect}

@@ -148,11 +148,12 @@ def _serve(cfg: config_mod.Config) -> int:
 def serve_app(cfg: config_mod.Config, app: web.Application) -> None:
     """Serve `app` on server.host/port until SIGTERM/SIGINT: aiohttp's run_app, with the
     listener's protocol factory wrapped by the connection admission (gateway/limits.py)
-    and the descriptor soft limit raised first (rlimit.py)."""
+    and the descriptor soft limit raised and malloc's mmap threshold fixed first
+    (rlimit.py)."""
     from aiohttp.web_runner import GracefulExit
 
     from .gateway import limits
-    from .rlimit import raise_nofile
+    from .rlimit import pin_mmap_threshold, raise_nofile
 
     try:
         import uvloop
@@ -162,6 +163,7 @@ def serve_app(cfg: config_mod.Config, app: web.Application) -> None:
         loop = asyncio.new_event_loop()
         loop_name = "asyncio"
     soft = raise_nofile()
+    pin_mmap_threshold()
     admission = limits.Admission(cfg.limits, limits.global_cap(cfg.limits, soft))
     log.info("codehub serving on http://%s:%d (%s); data_dir %s; at most %d connections, "
              "%d per client", cfg.server.host, cfg.server.port, loop_name, cfg.data_path,

@@ -23,6 +23,7 @@ import aiodocker
 import aiohttp
 import pytest
 from harness.services import DockerEngine, free_port
+from playwright.async_api import TimeoutError as PlaywrightTimeout
 from test_gateway_browser import ARTIFACTS, browser_page
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,6 +155,29 @@ async def _type_in_terminal(page: Any, docker: aiodocker.Docker, container: str)
                 raise
 
 
+async def _open_in_editor(page: Any, path: str) -> str:
+    """Quick-open `path` and wait for its editor; the selector of its text. Under load the
+    file search can answer after the first row is drawn, so the row clicked is the one
+    naming the file, and the whole step is tried again when no editor came."""
+    editor = ".editor-instance .monaco-editor .view-lines"
+    name = path.rsplit("/", 1)[-1]
+    for attempt in range(3):
+        await page.keyboard.press("Escape")
+        await page.keyboard.press("Control+p")
+        await page.wait_for_selector(".quick-input-widget", timeout=30_000)
+        await page.keyboard.type(path, delay=30)
+        row = page.locator(".quick-input-list .monaco-list-row", has_text=name).first
+        try:
+            await row.wait_for(timeout=30_000)
+            await row.click()
+            await page.wait_for_selector(editor, timeout=30_000)
+            return editor
+        except PlaywrightTimeout:  # try again, then fail with it
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def _open_workbench(page: Any, link: str) -> None:
     response = await page.goto(link, timeout=60_000)
     assert response.status == 200
@@ -183,13 +207,7 @@ async def test_code_server_under_the_hardened_defaults_runs_a_terminal_saves_a_f
             await _type_in_terminal(page, docker, container)
             await page.screenshot(path=str(ARTIFACTS / "hardened-terminal.png"))
             # The editor: open the file, add a line, save.
-            await page.keyboard.press("Control+p")
-            await page.wait_for_selector(".quick-input-widget", timeout=30_000)
-            await page.keyboard.type("/home/coder/notes.txt", delay=30)
-            await page.wait_for_selector(".quick-input-list .monaco-list-row", timeout=30_000)
-            await page.keyboard.press("Enter")
-            editor = ".editor-instance .monaco-editor .view-lines"
-            await page.wait_for_selector(editor, timeout=30_000)
+            editor = await _open_in_editor(page, "/home/coder/notes.txt")
             await page.click(editor)
             await page.keyboard.press("Control+End")
             await page.keyboard.type("typed-in-the-editor\n", delay=20)
