@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import orjson
 from aiohttp import web
 
@@ -38,7 +37,7 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(2):
             version = await store.schema_version(app[keys.POOL])
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (store.StoreUnavailable, TimeoutError) as exc:
         body.update(status="unready", reason=f"database: {exc or type(exc).__name__}")
         return _json(body, 503)
     body["schema_version"] = version

@@ -152,7 +152,7 @@ class StorageProvider(Adapter, ABC):
         progress: ProgressCallback | None = None,
     ) -> ArchiveInfo:
         """Stream the volume into object storage and verify what was stored.
-        Deletes NOTHING: the caller commits the archive, then calls `purge(volume)`."""
+        Deletes NOTHING: the caller commits the archive, then calls `delete_volume`."""
 
     @abstractmethod
     async def restore(
@@ -169,8 +169,16 @@ class StorageProvider(Adapter, ABC):
         whose files add up to more fails with a PermanentError."""
 
     @abstractmethod
-    async def purge(self, home_store_key: str | None, archive_key: str | None) -> None:
-        """Delete the given volume and/or archive; what is already gone is ignored."""
+    async def delete_volume(self, workspace_id: str, home_store_key: str) -> None:
+        """Delete the workspace's volume (and any helper still using it); a volume already
+        gone is fine. PermanentError, touching nothing, for a volume that exists and is
+        not labelled as CodeHub's and this workspace's."""
+
+    @abstractmethod
+    async def delete_archive(self, workspace_id: str, archive_key: str) -> None:
+        """Delete the workspace's archive and its meta; one already gone is fine.
+        PermanentError, touching nothing, for a key outside the workspace's own prefix
+        (`{workspace_id}/`)."""
 
     @abstractmethod
     async def list_managed(self, workspace_id: str | None = None) -> list[ManagedResource]:

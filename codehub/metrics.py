@@ -26,7 +26,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import asyncpg
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,7 +41,7 @@ from prometheus_client import (
 
 from . import keys
 from .model import Operation, Status
-from .store import Store
+from .store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +170,7 @@ async def _count_workspaces(store: Store) -> None:
     try:
         async with asyncio.timeout(2):
             counts = await store.count_by_status()
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (StoreUnavailable, TimeoutError) as exc:
         log.warning("metrics: workspace counts unavailable: %s", exc or type(exc).__name__)
         WORKSPACES.clear()
         return

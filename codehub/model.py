@@ -57,6 +57,15 @@ class Operation(enum.StrEnum):
     DELETING = "DELETING"
 
 
+class Checkpoint(enum.StrEnum):
+    """How far an operation in flight got, recorded with the result it committed, so that
+    a re-run after a crash resumes from there instead of redoing the step. Cleared with
+    the operation."""
+
+    ARCHIVE_COMMITTED = "ARCHIVE_COMMITTED"  # the verified archive is on the row; only
+    # deleting the volume is left
+
+
 class InstanceState(enum.StrEnum):
     """What the runtime reports about a workspace's container."""
 
@@ -298,6 +307,7 @@ class Workspace:
     # Part of every access link and cookie of this workspace (signing.py): made with
     # the row, replaced by revoke-access.
     access_nonce: str = ""
+    checkpoint: Checkpoint | None = None
 
     def next_step(self, observed: Observed = NOT_OBSERVED) -> Step:
         return decide(self.desired_state, self.status, self.operation, observed)

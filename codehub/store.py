@@ -15,20 +15,16 @@ Guarantees:
 - TTL sweeps are one indexed UPDATE each; a row touched (last_access_at moved) while the
   sweep runs is re-checked under its row lock and not stepped down.
 - No call waits on the database longer than `timeout` seconds (pool acquire and query
-  together, `database.statement_timeout`): a database that is down, refuses connections
-  or has stopped answering (frozen, partitioned) raises `StoreUnavailable` within that
-  time, whatever the cause. `StoreUnavailable` is a `ConnectionError`, so callers that
-  treat OSError as "database unreachable" keep doing so.
+  together, `database.statement_timeout`), and every failure of the driver raises
+  `StoreUnavailable` (codehub.pool), whatever the cause: callers catch that one
+  exception, never asyncpg's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +33,9 @@ from typing import Any
 import asyncpg
 
 from . import constants
-from .model import DesiredState, Operation, Status, Workspace
+from .model import Checkpoint, DesiredState, Operation, Status, Workspace
+from .pool import DRIVER_ERRORS, BoundedPool, unavailable
+from .pool import StoreUnavailable as StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +90,16 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
 
 
 async def schema_version(conn: asyncpg.Connection | asyncpg.Pool) -> int:
-    """The highest applied migration, 0 on an empty database."""
-    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
-    if not exists:
-        return 0
-    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+    """The highest applied migration, 0 on an empty database; StoreUnavailable when the
+    database cannot say."""
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        if not exists:
+            return 0
+        return int(await conn.fetchval(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations"))
+    except DRIVER_ERRORS as exc:
+        raise unavailable(exc) from exc
 
 
 _COLUMNS = tuple(f.name for f in fields(Workspace))
@@ -110,7 +113,7 @@ _MUTABLE = frozenset({
     "archive_size", "archive_sha256", "archive_created_at", "error_message",
     "error_from_status", "error_count",
     "error_at", "next_retry_at", "progress_phase", "progress_done", "progress_total",
-    "observed_generation",
+    "observed_generation", "checkpoint",
 })
 
 
@@ -122,6 +125,7 @@ def _row(rec: Mapping[str, Any]) -> Workspace:
         "operation": Operation(rec["operation"]),
         "error_from_status": None if rec["error_from_status"] is None
         else Status(rec["error_from_status"]),
+        "checkpoint": None if rec["checkpoint"] is None else Checkpoint(rec["checkpoint"]),
     })
 
 
@@ -141,98 +145,13 @@ class OwnerLimit(Exception):
         self.limit = limit
 
 
-class StoreUnavailable(ConnectionError):
-    """The database did not answer within the store's timeout (down, refusing, frozen)."""
-
-
-# What "the database is unavailable" looks like from asyncpg: connection failures, a
-# connection lost mid-query, a server shutting down or starting, our own timeout.
-UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
-    asyncpg.TooManyConnectionsError)
-
-
-class _BoundedPool:
-    """The part of asyncpg.Pool the store uses, each call bounded by `timeout`."""
-
-    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, timeout: float) -> None:
-        self.pool = pool
-        self.timeout = timeout
-
-    @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
-        if isinstance(self.pool, asyncpg.Connection):  # a Store on one connection (tests)
-            try:
-                yield self.pool
-            except UNAVAILABLE as exc:
-                raise _unavailable(exc) from exc
-            return
-        try:
-            async with asyncio.timeout(self.timeout):
-                conn = await self.pool.acquire()
-        except UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
-        try:
-            yield conn
-        except UNAVAILABLE as exc:
-            await self._drop(conn)
-            conn = None
-            raise _unavailable(exc) from exc
-        except asyncio.CancelledError:  # e.g. our own deadline, mid-query
-            await self._drop(conn)
-            conn = None
-            raise
-        finally:
-            if conn is not None:
-                await self._release(conn)
-
-    async def _release(self, conn: asyncpg.Connection) -> None:
-        try:
-            await self.pool.release(conn, timeout=self.timeout)
-        except Exception:  # a reset that failed or hung: the connection is not reused
-            conn.terminate()
-
-    async def _drop(self, conn: asyncpg.Connection) -> None:
-        # Never reset a connection whose query timed out or failed mid-way (the reset
-        # would wait on the same dead server): close it, and hand its slot back.
-        conn.terminate()
-        with contextlib.suppress(Exception):  # terminated already; the pool replaces it
-            await self.pool.release(conn, timeout=self.timeout)
-
-    async def _call(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
-        try:
-            async with asyncio.timeout(self.timeout), self.acquire() as conn:
-                return await getattr(conn, method)(query, *args, timeout=self.timeout)
-        except UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
-
-    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        return await self._call("fetch", query, args)  # type: ignore[no-any-return]
-
-    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        return await self._call("fetchrow", query, args)
-
-    async def fetchval(self, query: str, *args: Any) -> Any:
-        return await self._call("fetchval", query, args)
-
-    async def execute(self, query: str, *args: Any) -> str:
-        return await self._call("execute", query, args)  # type: ignore[no-any-return]
-
-
-def _unavailable(exc: BaseException) -> StoreUnavailable:
-    if isinstance(exc, StoreUnavailable):
-        return exc
-    return StoreUnavailable(f"database unavailable: {str(exc) or type(exc).__name__}")
-
-
 class Store:
     """Reads and compare-and-set writes of workspace rows."""
 
     def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, *,
                  timeout: float = 1.5) -> None:
         self.raw_pool = pool
-        self.pool = _BoundedPool(pool, timeout)
+        self.pool = BoundedPool(pool, timeout)
 
     async def create(
         self, *, id: str, owner: str, image_ref: str,

@@ -176,6 +176,29 @@ def test_model_imports_nothing_of_codehub() -> None:
     assert graph()["codehub.model"] == set()
 
 
+# The modules that may talk to PostgreSQL's driver: the store and its pool (which turn
+# every driver failure into StoreUnavailable), the embedded server and connection set-up,
+# the leader's advisory lock (a connection of its own), the app key naming the pool type.
+DRIVER_MODULES = {"codehub.store", "codehub.pool", "codehub.postgres",
+                  "codehub.reconciler.leader", "codehub.keys"}
+
+
+def test_only_the_persistence_modules_import_the_database_driver() -> None:
+    def named(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [a.name for a in node.names]
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            return [node.module or ""]
+        return []
+
+    users = {name for name, module in modules().items() for node in ast.walk(module.tree)
+             if any(n.split(".")[0] == "asyncpg" for n in named(node))}
+    assert users == DRIVER_MODULES, (
+        "asyncpg outside the persistence modules (catch store.StoreUnavailable instead): "
+        f"{sorted(users - DRIVER_MODULES)}; no longer using it: "
+        f"{sorted(DRIVER_MODULES - users)}")
+
+
 def test_no_import_cycle_between_codehub_modules() -> None:
     found = cycles(graph())
     for cycle in found:

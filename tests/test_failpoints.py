@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARCHIVE_POINTS = ["archive.after_stream_start", "archive.after_upload", "archive.after_verify"]
 RESTORE_POINTS = ["restore.after_download_start", "restore.after_extract",
                   "restore.before_return"]
-PURGE_POINTS = ["purge.before_volume_delete"]
+DELETE_POINTS = ["delete_volume.before_delete"]
 
 CHILD = r"""
 import asyncio, json, sys
@@ -61,7 +61,7 @@ async def main():
         elif args["op"] == "restore":
             await storage.restore("w1", args["key"], args["sha256"])
         else:
-            await storage.purge(args["volume"], None)
+            await storage.delete_volume("w1", args["volume"])
     print("survived")
 
 asyncio.run(main())
@@ -103,9 +103,9 @@ def test_every_failpoint_in_the_code_is_listed_in_the_docstring_and_tested() -> 
                                     Path(codec_module.__file__).parent)
                      for path in sorted(folder.glob("*.py")))
     in_code = set(re.findall(r'failpoint\("([a-z_.]+)"\)', source))
-    in_doc = set(re.findall(r"`((?:archive|restore|purge)\.[a-z_]+)`",
+    in_doc = set(re.findall(r"`((?:archive|restore|delete_volume)\.[a-z_]+)`",
                             volumes_module.__doc__ or ""))
-    tested = set(ARCHIVE_POINTS + RESTORE_POINTS + PURGE_POINTS)
+    tested = set(ARCHIVE_POINTS + RESTORE_POINTS + DELETE_POINTS)
     assert in_code == in_doc == tested
 
 
@@ -139,7 +139,7 @@ async def test_archive_killed_at_failpoint_then_rerun_archives_identical_data(
     assert await manifest(docker, volume, workspace_image) == expected
     uploads = await objects.client.list_multipart_uploads(Bucket=objects.bucket)
     assert not uploads.get("Uploads")
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     restored = await storage.restore("w1", info.key, info.sha256)
     assert await manifest(docker, restored, workspace_image) == as_restored(expected)
     assert await our_leftovers(docker, docker_prefix) == ([restored], [])
@@ -152,7 +152,7 @@ async def test_restore_killed_at_failpoint_then_rerun_restores_identical_data(
         child_args: dict[str, Any], tmp_path: Path) -> None:
     volume, expected = await filled_volume(storage, docker, workspace_image, tmp_path)
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     archived = await objects.head(info.key)
 
     code, out = await run_child(point, {**child_args, "op": "restore", "key": info.key,
@@ -169,21 +169,21 @@ async def test_restore_killed_at_failpoint_then_rerun_restores_identical_data(
     assert await our_leftovers(docker, docker_prefix) == ([restored], [])
 
 
-@pytest.mark.parametrize("point", PURGE_POINTS)
-async def test_purge_killed_at_failpoint_then_rerun_purges_and_the_archive_restores(
+@pytest.mark.parametrize("point", DELETE_POINTS)
+async def test_volume_delete_killed_at_failpoint_then_rerun_deletes_and_the_archive_restores(
         point: str, storage: DockerVolumeStorage, objects: S3ObjectStore,
         docker: aiodocker.Docker, workspace_image: str, docker_prefix: str,
         child_args: dict[str, Any], tmp_path: Path) -> None:
     volume, expected = await filled_volume(storage, docker, workspace_image, tmp_path)
     info = await storage.archive("w1", volume)
-    # A helper that a killed archive left behind pins the volume until purge removes it.
+    # A helper that a killed archive left behind pins the volume until the delete removes it.
     await storage.helpers.create(volume, "w1", "archiver", read_only=True)
 
-    code, out = await run_child(point, {**child_args, "op": "purge", "volume": volume})
+    code, out = await run_child(point, {**child_args, "op": "delete_volume", "volume": volume})
     assert code == -signal.SIGKILL, out
     assert await manifest(docker, volume, workspace_image) == expected
 
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     assert await our_leftovers(docker, docker_prefix) == ([], [])
     restored = await storage.restore("w1", info.key, info.sha256)
     assert await manifest(docker, restored, workspace_image) == as_restored(expected)

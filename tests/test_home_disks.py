@@ -154,7 +154,7 @@ async def test_an_unmounted_home_is_mounted_again_and_a_lost_image_never_gives_a
     assert (await controller.get_status("a")).state.value == "MISSING"
 
 
-async def test_archive_restore_and_purge_of_a_size_limited_home(
+async def test_archive_restore_and_delete_of_a_size_limited_home(
         storage: DockerVolumeStorage, controller: DockerInstanceController,
         docker: aiodocker.Docker, docker_prefix: str, workspace_image: str,
         layout: DiskLayout, objects: S3ObjectStore) -> None:
@@ -171,7 +171,7 @@ async def test_archive_restore_and_purge_of_a_size_limited_home(
     with pytest.raises(HomeTooLarge, match="size limit"):
         await storage.restore("a", info.key, info.sha256)
     assert await objects.head(info.key) is not None
-    await storage.purge(volume, None)
+    await storage.delete_volume("a", volume)
     assert not (Path(layout.image_dir) / f"{volume}.img").exists()
     assert not (Path(layout.mount_dir) / volume).exists()
     # Without the sparse file the home comes back, as a size-limited home of its own.

@@ -28,7 +28,7 @@ FAILPOINTS = [
     "reconcile.archive.recorded", "reconcile.restore.recorded", "reconcile.delete.recorded",
     # archive (storage) and its commit
     "archive.after_stream_start", "archive.after_upload", "archive.after_verify",
-    "reconcile.archive.committed", "purge.before_volume_delete",
+    "reconcile.archive.committed", "delete_volume.before_delete",
     "reconcile.archive.volume_deleted",
     # restore (storage) and its commit
     "restore.after_download_start", "restore.after_extract", "restore.before_return",

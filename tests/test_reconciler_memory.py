@@ -137,7 +137,7 @@ async def test_vanished_volume_is_an_error_never_a_blank_home_in_memory(
     stack.run_controller()
     await stack.create("gamma", desired_state=DesiredState.WARM)
     ws = await stack.wait_status("gamma", Status.WARM)
-    await stack.storage.purge(ws.home_store_key, None)  # the volume disappears
+    await stack.storage.delete_volume(ws.id, ws.home_store_key)  # the volume disappears
     await stack.want("gamma", DesiredState.RUNNING)
     ws = await stack.wait_status("gamma", Status.ERROR)
     assert ws.error_message and "missing" in ws.error_message

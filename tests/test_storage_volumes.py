@@ -41,6 +41,7 @@ from codehub.backends.objects import S3ObjectStore
 from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
 from codehub.interfaces import AdapterError, IntegrityError, PermanentError, Progress
 from codehub.model import VolumeState
+from codehub.rlimit import pin_mmap_threshold
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -71,7 +72,7 @@ async def test_provision_refuses_a_volume_that_is_not_ours(
     with pytest.raises(PermanentError):
         await storage.provision("w1")
     with pytest.raises(PermanentError):
-        await storage.purge(f"{docker_prefix}-home-w1", None)
+        await storage.delete_volume("w1", f"{docker_prefix}-home-w1")
     await docker.volumes.get(f"{docker_prefix}-home-w1")  # untouched
 
 
@@ -144,7 +145,7 @@ async def test_restore_of_a_corrupted_archive_raises_and_keeps_the_archive(
     volume = await storage.provision("w1")
     await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=3 * MiB)
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     meta_before = await objects.head(info.key)
 
     blob = bytearray(b"".join([c async for c in objects.get_stream(info.key)]))
@@ -164,7 +165,7 @@ async def test_restore_refuses_an_archive_whose_meta_disagrees_before_touching_d
         docker_prefix: str, tmp_path: Path) -> None:
     volume = await storage.provision("w1")
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     with pytest.raises(IntegrityError):
         await storage.restore("w1", info.key, "0" * 64)
     with pytest.raises(PermanentError):
@@ -216,18 +217,18 @@ async def test_archive_reports_progress_and_restore_reports_totals(
     assert seen[-1] == Progress("extracting", info.size, info.size)
 
 
-async def test_purge_is_idempotent_removes_stale_helpers_and_ignores_what_is_missing(
+async def test_deletes_are_idempotent_remove_stale_helpers_and_ignore_what_is_missing(
         storage: DockerVolumeStorage, objects: S3ObjectStore, docker: aiodocker.Docker,
         docker_prefix: str) -> None:
     volume = await storage.provision("w1")
     info = await storage.archive("w1", volume)
-    # A helper a killed archive left behind pins the volume; purge must remove it.
+    # A helper a killed archive left behind pins the volume; delete_volume removes it.
     await storage.helpers.create(volume, "w1", "archiver", read_only=True)
     for _ in range(2):
-        await storage.purge(volume, info.key)
+        await storage.delete_volume("w1", volume)
         assert await storage.get_volume_status("w1", volume) is VolumeState.MISSING
+        await storage.delete_archive("w1", info.key)
         assert await objects.head(info.key) is None
-    await storage.purge(None, None)
     assert await our_leftovers(docker, docker_prefix) == ([], [])
     assert await objects.list_keys() == []
 
@@ -349,6 +350,7 @@ async def test_archiving_and_restoring_a_2gb_volume_keep_rss_growth_under_64mib(
     await put_tar(docker, volume, workspace_image, _generated_tar(size))
     if not _reset_peak_rss():
         pytest.skip("/proc/self/clear_refs is not writable: cannot reset the peak RSS")
+    assert pin_mmap_threshold()  # as `codehub serve` does at start (rlimit.py)
     before = _vm_kib("VmRSS")
     info = await storage.archive("w1", volume)
     peak = _vm_kib("VmHWM")
@@ -359,7 +361,7 @@ async def test_archiving_and_restoring_a_2gb_volume_keep_rss_growth_under_64mib(
     assert info.size > 100 * MiB  # big enough that the multipart path was exercised
     assert growth_mib < 64
 
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     _reset_peak_rss()
     before = _vm_kib("VmRSS")
     restored = await storage.restore("w1", info.key, info.sha256)
@@ -390,7 +392,7 @@ async def test_restore_whose_download_breaks_midway_fails_and_leaves_no_volume(
     volume = await storage.provision("w1")
     await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=24 * MiB)
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     async with _StreamBreaksAfter(**s3_settings, chunk_size=MiB) as breaking:
         flaky = make_storage(docker, breaking, docker_prefix, workspace_image)
         with pytest.raises(AdapterError, match="connection broke"):
@@ -428,7 +430,7 @@ async def test_tar_helper_is_confined_to_the_restore_network_with_a_read_only_ro
     volume = await storage.provision("w1")
     await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=8 * MiB)
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     seen: list[dict[str, Any]] = []
     helper = f"{storage.restored_volume_name('w1', info.sha256)}-restorer"
 
@@ -459,7 +461,7 @@ async def test_restore_whose_tar_helper_dies_midway_fails_and_leaves_no_volume(
     volume = await storage.provision("w1")
     await fill_volume(docker, volume, workspace_image, tmp_path, big_bytes=48 * MiB)
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     helper = f"{storage.restored_volume_name('w1', info.sha256)}-restorer"
     killed: list[str] = []
 
@@ -482,7 +484,7 @@ async def test_tar_helper_image_without_bash_is_a_permanent_error_naming_the_set
     storage = make_storage(docker, objects, docker_prefix, workspace_image)
     volume = await storage.provision("w1")
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     image = "codehub-test-no-shell:latest"
     layer = io.BytesIO()
     text = b"an image with nothing to run\n"
@@ -511,9 +513,9 @@ async def test_restore_makes_its_network_again_when_it_was_removed_behind_its_ba
     await fill_volume(docker, volume, workspace_image, tmp_path)
     expected = await manifest(docker, volume, workspace_image)
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     first = await storage.restore("w1", info.key, info.sha256)
-    await storage.purge(first, None)
+    await storage.delete_volume("w1", first)
     await (await docker.networks.get(f"{docker_prefix}-restore")).delete()
     again = await storage.restore("w1", info.key, info.sha256)
     assert await manifest(docker, again, workspace_image) == as_restored(expected)
@@ -532,7 +534,7 @@ async def test_tar_restore_with_a_remote_engine_is_a_permanent_error_naming_the_
         docker_prefix: str) -> None:
     volume = await storage.provision("w1")
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     remote = DockerVolumeStorage(
         docker=docker, objects=objects, helper_image="unused:never",
         volume_prefix=f"{docker_prefix}-home-",
@@ -556,7 +558,7 @@ async def test_tar_helper_that_cannot_connect_fails_with_its_own_words_and_leave
         workspace_image: str, docker_prefix: str) -> None:
     volume = await storage.provision("w1")
     info = await storage.archive("w1", volume)
-    await storage.purge(volume, None)
+    await storage.delete_volume("w1", volume)
     cut_off = DockerVolumeStorage(
         docker=docker, objects=objects, helper_image=workspace_image,
         volume_prefix=f"{docker_prefix}-home-",

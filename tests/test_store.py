@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from codehub import store
-from codehub.model import DesiredState, Operation, Status
+from codehub.model import Checkpoint, DesiredState, Operation, Status
 from codehub.store import AlreadyExists, Store
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -50,6 +50,62 @@ async def test_concurrent_migrations_all_succeed_with_one_schema(
             store.LATEST_VERSION
     finally:
         await conn.close()
+
+
+async def test_an_archive_committed_before_the_checkpoint_column_keeps_its_place(
+        empty_database_url: str) -> None:
+    """Before migration 7 the checkpoint was the progress text "removing volume": a row
+    an upgrade finds between committing its archive and deleting its volume must not
+    archive (a volume that may be gone) again."""
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                           "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        for mig in store.migrations()[:6]:
+            await conn.execute(mig.sql)
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                               mig.version, mig.name)
+        for wid, phase in (("mid", "removing volume"), ("early", "archiving")):
+            await conn.execute(
+                "INSERT INTO workspaces (id, owner, image_ref, desired_state, status, operation,"
+                " progress_phase) VALUES ($1, 'o', 'i', 'COLD', 'WARM', 'ARCHIVING', $2)",
+                wid, phase)
+        assert await store.migrate(conn) == list(range(7, store.LATEST_VERSION + 1))
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(empty_database_url, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        db = Store(pool)
+        mid, early = await db.get("mid"), await db.get("early")
+        assert mid is not None and mid.checkpoint is Checkpoint.ARCHIVE_COMMITTED
+        assert early is not None and early.checkpoint is None
+    finally:
+        await pool.close()
+
+
+async def test_every_driver_failure_is_store_unavailable_and_a_good_connection_is_kept(
+        database_url: str) -> None:
+    """A server-side statement timeout is not a connection failure, yet a caller sees the
+    one StoreUnavailable; the connection it ran on is still good and stays in the pool.
+    A unique violation is the store's to answer (AlreadyExists), never "unavailable"."""
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=1,
+                                  server_settings={"statement_timeout": "100"})
+    assert p is not None
+    try:
+        async with p.acquire() as conn:
+            await store.migrate(conn)
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+        db = Store(p, timeout=5)
+        for query in ("SELECT pg_sleep(1)", "SELECT no_such_column FROM workspaces"):
+            with pytest.raises(store.StoreUnavailable):
+                await db.pool.fetchval(query)
+        assert await db.pool.fetchval("SELECT pg_backend_pid()") == pid  # the same one
+        await db.create(id="w", owner="o", image_ref="i")
+        with pytest.raises(AlreadyExists):
+            await db.create(id="w", owner="o", image_ref="i")
+    finally:
+        await p.close()
 
 
 async def test_create_then_get_roundtrips(db: Store) -> None:

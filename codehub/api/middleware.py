@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import asyncpg
 from aiohttp import typedefs as web_types
 from aiohttp import web
 
@@ -30,6 +29,7 @@ from ..openapi import (
     validate_path,
     validate_query,
 )
+from ..store import StoreUnavailable
 from .replies import CALL, CONTEXT, Call, error_reply, store_of
 from .security import authenticate
 
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 # --- wiring ------------------------------------------------------------------------------
 
-_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError,
-                asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
 _METHODS = frozenset({"GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS"})
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
@@ -105,7 +103,7 @@ async def errors(request: web.Request, handler: web_types.Handler) -> web.Stream
         resp = error_reply(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"),
                                f"{exc.reason}: {request.method} {request.path[:200]}",
                                headers))
-    except _UNAVAILABLE as exc:
+    except StoreUnavailable as exc:
         _outage.failed(f"{request.method} {request.path[:200]}: {exc or type(exc).__name__}")
         resp = error_reply(ApiError(503, "unavailable", "the database is unavailable; retry",
                                {"Retry-After": "2"}))

@@ -10,6 +10,8 @@ Guarantees:
   CodeHub manages the object and that it belongs to that workspace; `require_ours()`
   raises PermanentError unless the labels say CodeHub manages the object (and, with a
   workspace id, that it is that workspace's), naming the object.
+- `check_archive_of(workspace_id, key)` raises PermanentError unless `key` is a valid
+  object key under the workspace's own prefix `{workspace_id}/` (constants.archive_key).
 - `restorable()` returns the stored meta of an archive a restore may read, and raises
   before anything is made: PermanentError for a malformed sha256, a missing archive or
   an unknown format; IntegrityError when the meta names another sha256 than expected.
@@ -47,6 +49,13 @@ def check_object_key(key: str) -> None:
     if (not key or path.is_absolute() or ".." in path.parts or key.endswith("/")
             or "\x00" in key or key.endswith(META_SUFFIX)):
         raise PermanentError(f"invalid object key {key!r}")
+
+
+def check_archive_of(workspace_id: str, key: str) -> None:
+    check_workspace_id(workspace_id)
+    check_object_key(key)
+    if not key.startswith(f"{workspace_id}/"):
+        raise PermanentError(f"object {key!r} is not an archive of workspace {workspace_id!r}")
 
 
 def ownership_labels(workspace_id: str, role: str, extra: Mapping[str, str] | None = None

@@ -26,10 +26,8 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import asyncpg
-
 from ..metrics import activity_flushed
-from ..store import Store
+from ..store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ class Activity:
         stamps = [datetime.fromtimestamp(marks[i], UTC) for i in ids]
         try:
             updated = await self.store.flush_activity(ids, stamps)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except StoreUnavailable as exc:
             for wid, ts in marks.items():  # keep them, newest wins
                 if self.marks.get(wid, 0.0) < ts:
                     self.marks[wid] = ts

@@ -51,7 +51,6 @@ from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 
 from ..clock import Clock
@@ -61,7 +60,7 @@ from ..metrics import STEPPED_DOWN_UNDER_OPEN_TAB
 from ..model import DesiredState, Operation, Status
 from ..origins import Origins, is_local
 from ..signing import SigningKeys, Verdict
-from ..store import Store
+from ..store import Store, StoreUnavailable
 from . import auth, events, limits, signin
 from .access import Access
 from .activity import Activity
@@ -70,7 +69,7 @@ from .pages import Pages, plain, wants_html
 from .peers import Peers
 from .presence import ACTIVITY_PATH, SCRIPT_PATH, Presence
 from .proxy import Forwarding, proxy_http
-from .routes import DatabaseUnavailable, Route, RouteTable
+from .routes import Route, RouteTable
 from .upstream import UpstreamError, UpstreamPool
 from .watch import Watchers, healthy
 from .websocket import UpstreamRefused, is_upgrade, relay
@@ -224,8 +223,7 @@ class Gateway:
             try:
                 await self.wake(workspace_id)
                 route = await self.routes.get(workspace_id)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    DatabaseUnavailable) as exc:
+            except StoreUnavailable as exc:
                 return self.db_unavailable(request, workspace_id, exc)
             ws = route.workspace or ws
         return self.pages.loading(workspace_id, ws, self.origins.prefix(workspace_id) + "/")
@@ -243,8 +241,7 @@ class Gateway:
         if cred.verdict is Verdict.OK:
             try:
                 cred = await self.access.redeem(workspace_id, cred)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    DatabaseUnavailable) as exc:
+            except StoreUnavailable as exc:
                 return self.db_unavailable(request, workspace_id, exc)
         if cred.verdict is not Verdict.OK:
             # A browser that already holds a good cookie (a reload of the link's URL) is
@@ -335,7 +332,7 @@ class Gateway:
         if route is None:
             try:
                 route = await self.routes.get(workspace_id)
-            except DatabaseUnavailable as exc:
+            except StoreUnavailable as exc:
                 return self.db_unavailable(request, workspace_id, exc)
         ws = route.workspace
         if ws is not None and ws.access_nonce != cred.nonce:
@@ -398,7 +395,7 @@ class Gateway:
     async def _close_revoked(self, workspace_id: str) -> None:
         try:
             ws = (await self.routes.get(workspace_id)).workspace
-        except DatabaseUnavailable:
+        except StoreUnavailable:
             return  # nothing is known to have changed; the next hint or resync tells
         current = ws.access_nonce if ws is not None else None
         if (ws is not None and ws.status is Status.RUNNING and workspace_id in self._sockets
@@ -414,7 +411,7 @@ class Gateway:
                           ) -> web.Response:
         try:
             route = await self.routes.fresh(workspace_id)
-        except DatabaseUnavailable:
+        except StoreUnavailable:
             route = None
         if route is not None and not route.host:
             return await self.state_answer(request, workspace_id, route)

@@ -34,13 +34,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import asyncpg
 from aiohttp import web
 
 from ..model import DesiredState, Status
+from ..store import StoreUnavailable
 from .activity import Activity
 from .proxy import Forwarding, exchange, request_head, response_headers
-from .routes import DatabaseUnavailable, Route
+from .routes import Route
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 SCRIPT_PATH = "/_codehub/presence.js"
@@ -93,8 +93,7 @@ class Presence:
         if ws is not None:
             try:
                 await wake(workspace_id)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    DatabaseUnavailable) as exc:  # the script tries again later
+            except StoreUnavailable as exc:  # the script tries again later
                 return web.json_response({"error": f"database unavailable: {exc}"},
                                          status=503, headers={"Retry-After": "5"})
         return web.json_response({"running": False}, headers={"Cache-Control": "no-store"})

@@ -23,8 +23,8 @@ Guarantees:
   such request counts in `codehub_stale_routes_served`; `codehub_database_unavailable` is
   1 during the outage, which is logged once when it starts and once when it ends. (A
   revocation made just before an outage may therefore take up to `stale_max` to bite.)
-- A workspace with no usable known route during an outage raises `DatabaseUnavailable`
-  (the handler answers 503 with Retry-After).
+- A workspace with no usable known route during an outage raises the store's
+  `StoreUnavailable` (the handler answers 503 with Retry-After).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from ..interfaces import HintBus, InstanceController
 from ..metrics import DATABASE_UNAVAILABLE, ROUTE_LOADS, STALE_ROUTES_SERVED
 from ..model import Operation, Status, Workspace
-from ..store import UNAVAILABLE, Store
+from ..store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ class Route:
     @property
     def proxyable(self) -> bool:
         return bool(self.host)
-
-
-class DatabaseUnavailable(Exception):
-    """The row could not be read and nothing usable was cached."""
 
 
 class RouteTable:
@@ -135,7 +131,7 @@ class RouteTable:
         now = time.monotonic()
         try:
             ws = await self.store.get(workspace_id)
-        except UNAVAILABLE as exc:
+        except StoreUnavailable as exc:
             self._outage(exc)
             now = time.monotonic()
             old = self._stale(workspace_id, now)
@@ -144,7 +140,7 @@ class RouteTable:
                 # retried after short_ttl (in the background while the outage lasts)
                 return Route(old.workspace, old.host, old.port, now + self.short_ttl,
                              old.read_at)
-            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+            raise
         self._recovered()
         if ws is None or ws.status is not Status.RUNNING or ws.operation is not Operation.NONE:
             self._known.pop(workspace_id, None)

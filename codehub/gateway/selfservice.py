@@ -47,7 +47,7 @@ from ..interfaces import HintBus
 from ..logs import PERSON, REQUEST_ID, WORKSPACE_ID_VAR, request_id_of
 from ..model import WORKSPACE_ID, DesiredState, Refusal, Workspace, desire_refusal
 from ..model import restore_refusal as restore_rule
-from ..store import UNAVAILABLE, AlreadyExists, OwnerLimit, Store, StoreUnavailable
+from ..store import AlreadyExists, OwnerLimit, Store, StoreUnavailable
 from ..view import workspace_json
 from . import events, signin
 from .limits import Slots
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 HOME = signin.PREFIX + "/home"
 SELF = signin.PREFIX + "/self"
 _MAX_BODY = 4096
-_DB_DOWN: tuple[type[BaseException], ...] = (StoreUnavailable, *UNAVAILABLE)
 
 
 class Refuse(Exception):
@@ -284,7 +283,7 @@ async def _act(request: web.Request, verb: str, workspace_id: str | None,
         resp = await handler(act)
     except Refuse as exc:
         resp = _error(exc.status, exc.code, exc.message)
-    except _DB_DOWN:
+    except StoreUnavailable:
         resp = _error(503, "unavailable", "CodeHub cannot reach its database; try again")
         resp.headers["Retry-After"] = "2"
     resp.headers["X-Request-Id"] = rid
@@ -314,7 +313,7 @@ async def listing(request: web.Request) -> web.Response:
         rows = await state.store.list_page(owner=None if every else session.person, limit=500)
     except Refuse as exc:
         return _error(exc.status, exc.code, exc.message)
-    except _DB_DOWN:
+    except StoreUnavailable:
         return _error(503, "unavailable", "CodeHub cannot reach its database; try again")
     oidc = state.cfg.auth.oidc
     return _reply({
@@ -336,7 +335,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         await act.mine()
     except Refuse as exc:
         return _error(exc.status, exc.code, exc.message)
-    except _DB_DOWN:
+    except StoreUnavailable:
         return _error(503, "unavailable", "CodeHub cannot reach its database; try again")
     remote = request.remote or ""
     peers = state.peers

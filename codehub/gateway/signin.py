@@ -39,14 +39,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
-import asyncpg
 from aiohttp import web
 
 from .. import revocations, signing
 from ..model import WORKSPACE_ID, DesiredState, Workspace
 from ..origins import Origins, is_local
 from ..signing import SigningKeys, Verdict
-from ..store import Store
+from ..store import Store, StoreUnavailable
 from .oidc import Flow, OidcClient, OidcError
 from .pages import Pages
 from .sessions import FLOW_TTL, PendingFlow, Scope, Signer
@@ -55,7 +54,6 @@ log = logging.getLogger(__name__)
 PREFIX = "/_codehub/auth"
 LINK_TTL = 60
 _MAX_PATH = 2048
-_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _PROVIDER_DOWN = frozenset({"provider_unreachable", "provider_error", "bad_discovery"})
 
 
@@ -160,7 +158,7 @@ async def open_workspace(request: web.Request) -> web.StreamResponse:
         return await start(request, request.rel_url.path_qs)
     try:
         ws = await si.store.get(workspace_id)
-    except _UNAVAILABLE as exc:
+    except StoreUnavailable as exc:
         return si.db_unavailable(request, workspace_id, exc)
     if ws is None or ws.desired_state is DesiredState.DELETED:
         return _page(request, 404, "No such workspace.", "Check the link, or ask the "
@@ -203,7 +201,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     try:
         first = await si.store.use_link(
             "signin:" + state, "", datetime.fromtimestamp(pending.expires_at, UTC))
-    except _UNAVAILABLE as exc:
+    except StoreUnavailable as exc:
         return _refused(request, 503, "CodeHub cannot reach its database.",
                         "Try again in a moment.", detail=str(exc))
     if not first:
@@ -265,7 +263,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
         try:
             await revocations.end_session(si.store, session.sid,
                                           datetime.fromtimestamp(session.expires_at, UTC))
-        except _UNAVAILABLE as exc:  # this gateway refuses it; the others until expiry
+        except StoreUnavailable as exc:  # this gateway refuses it; the others until expiry
             log.warning("sign-out of %s not recorded for the other replicas: %s",
                         session.person, exc or type(exc).__name__)
     target = _base(request) + PREFIX + "/signed-out"

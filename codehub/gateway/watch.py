@@ -29,8 +29,9 @@ import aiohttp
 import orjson
 
 from ..model import DesiredState, Status
+from ..store import StoreUnavailable
 from ..view import workspace_state
-from .routes import DatabaseUnavailable, Route, RouteTable
+from .routes import Route, RouteTable
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ async def read_state(routes: RouteTable, ready: Callable[[Route], Awaitable[bool
     """The state to show, or None while the database cannot be read."""
     try:
         route = await (routes.fresh(workspace_id) if fresh else routes.get(workspace_id))
-    except DatabaseUnavailable:
+    except StoreUnavailable:
         return None
     return workspace_state(route.workspace, ready=route.proxyable and await ready(route))
 

@@ -109,13 +109,13 @@ class Controller:
             if r.workspace_id not in known:
                 log.warning("orphan %s %s (workspace %s has no row): removing", r.kind,
                             r.name, r.workspace_id)
-                await self.storage.purge(r.name, None)
+                await self.storage.delete_volume(r.workspace_id, r.name)
                 removed.append(r.name)
         for key in archives:
             wid = key.split("/", 1)[0]
             if wid not in known and key == constants.archive_key(wid):
                 log.warning("orphan archive %s (workspace %s has no row): removing", key, wid)
-                await self.storage.purge(None, key)
+                await self.storage.delete_archive(wid, key)
                 removed.append(key)
         return removed
 

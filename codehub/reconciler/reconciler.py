@@ -8,8 +8,9 @@ Guarantees:
   between leaves the operation set; the next call re-runs the action, which is idempotent.
 - Archive: the volume is deleted only after the archive was verified by the storage
   provider AND its key, size and checksum were committed to the row (together with the
-  checkpoint `progress_phase = ARCHIVE_COMMITTED`, so a re-run after a crash during the
-  volume deletion does not try to archive a volume that is already gone).
+  checkpoint `Checkpoint.ARCHIVE_COMMITTED`, so a re-run after a crash during the
+  volume deletion does not try to archive a volume that is already gone). The
+  checkpoint is cleared when an operation is recorded and when it finishes.
 - Restore: the new volume is committed to the row only after it was filled from an archive
   whose checksum verified; the archive is kept.
 - A failure is recorded on the row (message, count, next retry) and retried with capped
@@ -42,6 +43,7 @@ from ..interfaces import InstanceController, Progress, StorageProvider
 from ..model import (
     NOT_OBSERVED,
     TRANSITIONS,
+    Checkpoint,
     Observed,
     Operation,
     Status,
@@ -54,9 +56,7 @@ from ..store import Store
 log = logging.getLogger(__name__)
 
 
-# progress_phase doubles as the ARCHIVING operation's checkpoint: written in the same
-# statement that commits the verified archive, cleared with the operation.
-ARCHIVE_COMMITTED = "removing volume"
+REMOVING_VOLUME = "removing volume"  # the progress a user sees once the archive is committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +144,7 @@ class Reconciler:
                 metrics.HINT_LAG.observe(max(0.0, (now - row.updated_at).total_seconds()))
             began = await self.store.compare_and_set(
                 row.id, expect_status=row.status, expect_operation=row.operation,
-                operation=transition.operation, operation_started_at=now,
+                operation=transition.operation, operation_started_at=now, checkpoint=None,
                 progress_phase=None, progress_done=None, progress_total=None)
             if began is None:
                 return AGAIN  # the row moved on under us: decide afresh
@@ -275,7 +275,7 @@ class Reconciler:
         done = await self.store.compare_and_set(
             row.id, expect_status=row.status, expect_operation=row.operation,
             status=status, operation=Operation.NONE, operation_started_at=None,
-            progress_phase=None, progress_done=None, progress_total=None,
+            checkpoint=None, progress_phase=None, progress_done=None, progress_total=None,
             error_count=0, error_message=None, error_at=None, next_retry_at=None,
             **changes)
         if done is None:
@@ -299,12 +299,13 @@ class Reconciler:
         if not row.home_store_key:
             raise RuntimeError("no home volume recorded; nothing to archive")
         committed: Workspace | None = row
-        if row.progress_phase != ARCHIVE_COMMITTED:
+        if row.checkpoint is not Checkpoint.ARCHIVE_COMMITTED:
             info = await self.storage.archive(row.id, row.home_store_key, progress)
             committed = await self.store.compare_and_set(
                 row.id, expect_status=row.status, expect_operation=row.operation,
                 archive_key=info.key, archive_size=info.size, archive_sha256=info.sha256,
-                archive_created_at=info.created_at, progress_phase=ARCHIVE_COMMITTED,
+                archive_created_at=info.created_at, checkpoint=Checkpoint.ARCHIVE_COMMITTED,
+                progress_phase=REMOVING_VOLUME,
                 progress_done=info.size, progress_total=info.size)
             if committed is None:
                 raise RuntimeError(f"workspace {row.id} changed while archiving")
@@ -314,7 +315,7 @@ class Reconciler:
         # while) deleting the volume; only that is left to do.
         assert committed is not None
         # Only now, with a verified archive on record, may the volume go.
-        await self.storage.purge(row.home_store_key, None)
+        await self.storage.delete_volume(row.id, row.home_store_key)
         failpoint("reconcile.archive.volume_deleted")
         await self._finish(committed, Status.COLD, home_store_key=None)
 
@@ -334,8 +335,8 @@ class Reconciler:
         if row.home_store_key:
             volumes.add(row.home_store_key)
         for name in sorted(volumes):
-            await self.storage.purge(name, None)
-        await self.storage.purge(None, row.archive_key or constants.archive_key(row.id))
+            await self.storage.delete_volume(row.id, name)
+        await self.storage.delete_archive(row.id, row.archive_key or constants.archive_key(row.id))
         failpoint("reconcile.delete.purged")
         await self._finish(row, Status.DELETED, home_store_key=None, archive_key=None,
                            archive_size=None, archive_sha256=None, archive_created_at=None)

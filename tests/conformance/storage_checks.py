@@ -69,14 +69,14 @@ async def check_provision_is_idempotent_labels_the_volume_and_makes_it_empty(
     assert await kit.read(key) == {}
 
 
-async def check_provision_and_purge_refuse_a_volume_that_is_not_ours(kit: StorageKit) -> None:
+async def check_provision_and_delete_refuse_a_volume_that_is_not_ours(kit: StorageKit) -> None:
     name = kit.volume_name(W1)
     await kit.add_foreign_volume(name)
     storage = kit.storage()
     with pytest.raises(PermanentError):
         await storage.provision(W1)
     with pytest.raises(PermanentError):
-        await storage.purge(name, None)
+        await storage.delete_volume(W1, name)
     assert await storage.get_volume_status(W1, name) is VolumeState.MISSING
     assert name not in [r.name for r in await storage.list_managed()]
 
@@ -243,7 +243,7 @@ async def check_restore_makes_a_new_volume_and_leaves_the_archive_and_the_old_vo
 async def check_restore_is_idempotent(kit: StorageKit) -> None:
     key = await _home(kit, W1, FILES)
     info = await kit.storage().archive(W1, key)
-    await kit.storage().purge(key, None)
+    await kit.storage().delete_volume(W1, key)
     first = await kit.storage().restore(W1, info.key, info.sha256)
     second = await must_succeed(kit.storage().restore(W1, info.key, info.sha256),
                                 "a second restore")
@@ -257,7 +257,7 @@ async def _archived(kit: StorageKit, files: dict[str, bytes]) -> tuple[str, str]
     """(archive key, sha256) of W1's home holding `files`, its volume purged."""
     key = await _home(kit, W1, files)
     info = await kit.storage().archive(W1, key)
-    await kit.storage().purge(key, None)
+    await kit.storage().delete_volume(W1, key)
     return info.key, info.sha256
 
 
@@ -364,20 +364,33 @@ async def check_archive_and_restore_report_progress_to_plain_and_async_callbacks
     assert await kit.read(restored) == digests(files)
 
 
-async def check_purge_removes_what_it_is_given_and_ignores_what_is_gone(
+async def check_deletes_remove_what_they_are_given_and_ignore_what_is_gone(
         kit: StorageKit) -> None:
     key = await _home(kit, W1, FILES)
     storage = kit.storage()
     info = await storage.archive(W1, key)
     for attempt in ("a first", "a second"):
-        await must_succeed(storage.purge(key, None), f"{attempt} purge of the volume")
+        await must_succeed(storage.delete_volume(W1, key), f"{attempt} delete of the volume")
         assert await storage.get_volume_status(W1, key) is VolumeState.MISSING
-    assert await kit.objects.head(info.key) is not None, "purging the volume took the archive"
+    assert await kit.objects.head(info.key) is not None, "deleting the volume took the archive"
     for attempt in ("a first", "a second"):
-        await must_succeed(storage.purge(None, info.key), f"{attempt} purge of the archive")
+        await must_succeed(storage.delete_archive(W1, info.key),
+                           f"{attempt} delete of the archive")
         assert await kit.objects.head(info.key) is None
-    await must_succeed(storage.purge(None, None), "purge of nothing")
     assert await _volumes_of(kit, W1) == []
+
+
+async def check_deletes_refuse_another_workspaces_volume_and_archive(kit: StorageKit) -> None:
+    storage = kit.storage()
+    key = await _home(kit, W1, FILES)
+    info = await storage.archive(W1, key)
+    with pytest.raises(PermanentError):
+        await storage.delete_volume(W2, key)
+    for wid, wrong in ((W2, info.key), (W1, "../" + info.key), (W1, info.key + ".meta")):
+        with pytest.raises(PermanentError):
+            await storage.delete_archive(wid, wrong)
+    assert await kit.read(key) == digests(FILES), "a refused delete touched the volume"
+    assert await kit.objects.head(info.key) is not None, "a refused delete took the archive"
 
 
 async def check_list_managed_reports_our_volumes_only(kit: StorageKit) -> None:

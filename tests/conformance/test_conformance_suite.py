@@ -129,6 +129,17 @@ class ListManagedIgnoresTheWorkspace(MemoryStorageProvider):
         return await super().list_managed()
 
 
+class DeletesIgnoreTheWorkspace(MemoryStorageProvider):
+    """The old `purge`: it checked that a volume was CodeHub's, not whose."""
+
+    async def delete_volume(self, workspace_id: str, home_store_key: str) -> None:
+        if self._require_ours(home_store_key, None) is not None:
+            del self.volumes[home_store_key]
+
+    async def delete_archive(self, workspace_id: str, archive_key: str) -> None:
+        await self.objects.delete(archive_key)
+
+
 class CloseKeepsTheProviderOpen(MemoryStorageProvider):
     async def close(self) -> None:
         return None
@@ -210,6 +221,9 @@ CASES = [
     pytest.param(storage_checks.check_list_managed_of_a_workspace_finds_its_own_volumes_only,
                  MemoryStorageKit, ListManagedIgnoresTheWorkspace,
                  id="list-managed-ignores-the-workspace"),
+    pytest.param(storage_checks.check_deletes_refuse_another_workspaces_volume_and_archive,
+                 MemoryStorageKit, DeletesIgnoreTheWorkspace,
+                 id="deletes-ignore-the-workspace"),
     pytest.param(storage_checks.check_works_as_an_async_context_manager_and_closes,
                  MemoryStorageKit, CloseKeepsTheProviderOpen, id="storage-close-keeps-it-open"),
     pytest.param(object_checks.check_works_as_an_async_context_manager_and_closes,

@@ -8,7 +8,7 @@ Guarantees:
   started (codehub.backends.docker.helpers). With a restore network, restore instead runs GNU tar
   from `helper_image` in a helper on that network only (codehub.backends.docker.restore_tar);
   without, through Docker's put-archive (codehub.backends.docker.restore_put). Helpers are named
-  after their volume, so a re-run or `purge` removes what a killed process left behind.
+  after their volume, so a re-run or `delete_volume` removes what a killed process left behind.
 - A restored home holds only what codehub.storage.tarfilter lets through, whichever
   extractor runs: members below `coder/` by clean paths (none through a symlink), no
   device nodes, no setuid/setgid bits, every file owned by `home_owner`, `user.` xattrs
@@ -27,7 +27,8 @@ Guarantees:
   On a mismatch (IntegrityError) or any other failure the new volume is
   removed; the archive is never touched. A re-run after a crash removes the half-made
   volume of that name first.
-- `purge()` removes what it is given and ignores what is already gone.
+- `delete_volume()` and `delete_archive()` remove one workspace's volume or archive, ignore
+  what is already gone, and refuse (PermanentError, nothing touched) another's.
 - Memory is bounded whatever the volume size: one chunk read ahead and one being
   compressed (archive); one compressed chunk, at most RESTORE_AHEAD + 1 chunks of
   inflated output and 64 KiB held back (restore); plus what the ObjectStore buffers (S3:
@@ -48,7 +49,7 @@ module and the ones it drives:
   made).
 - `restore.after_extract`: the extractor finished, helper not yet removed.
 - `restore.before_return`: everything done but returning the new volume's name.
-- `purge.before_volume_delete`: helpers removed, the volume about to be deleted.
+- `delete_volume.before_delete`: helpers removed, the volume about to be deleted.
 """
 
 from __future__ import annotations
@@ -83,7 +84,14 @@ from ...interfaces import (
 from ...model import VolumeState
 from ...storage.codec import Expected, Tally, VerifiedTar, gzip_tar, report
 from ...storage.tarfilter import TarFilter
-from ..rules import check_workspace_id, owned_by, ownership_labels, require_ours, restorable
+from ..rules import (
+    check_archive_of,
+    check_workspace_id,
+    owned_by,
+    ownership_labels,
+    require_ours,
+    restorable,
+)
 from .disks import HomeDisks
 from .engine import (
     delete_volume,
@@ -250,18 +258,21 @@ class DockerVolumeStorage(StorageProvider):
         meta = await restorable(self._objects, workspace_id, key, sha256)
         return Expected(key, meta.size, sha256.lower())
 
-    async def purge(self, home_store_key: str | None, archive_key: str | None) -> None:
-        if home_store_key is not None:
-            await self.helpers.remove_for(home_store_key)
-            info = await inspect_volume(self._docker, home_store_key)
-            if info is not None:
-                _require_ours(info, None)
-                failpoint("purge.before_volume_delete")
-                await delete_volume(self._docker, home_store_key)
-            if self._disks is not None:
-                await self._disks.remove(home_store_key)
-        if archive_key is not None:
-            await self._objects.delete(archive_key)
+    async def delete_volume(self, workspace_id: str, home_store_key: str) -> None:
+        check_workspace_id(workspace_id)
+        info = await inspect_volume(self._docker, home_store_key)
+        if info is not None:
+            _require_ours(info, workspace_id)  # before anything is touched
+        await self.helpers.remove_for(home_store_key)
+        if info is not None:
+            failpoint("delete_volume.before_delete")
+            await delete_volume(self._docker, home_store_key)
+        if self._disks is not None:
+            await self._disks.remove(home_store_key)
+
+    async def delete_archive(self, workspace_id: str, archive_key: str) -> None:
+        check_archive_of(workspace_id, archive_key)
+        await self._objects.delete(archive_key)
 
     async def list_managed(self, workspace_id: str | None = None) -> list[ManagedResource]:
         wanted = [f"{LABEL_MANAGED_BY}={LABEL_MANAGED_BY_VALUE}"]

@@ -18,7 +18,8 @@ Guarantees (those of codehub.backends.docker.volumes that a caller can see):
   removes a half-made volume of that name first. The tar is filtered as the Docker
   backend filters it (codehub.storage.tarfilter); the regular files below `coder/` are
   the home.
-- `purge()` removes what it is given and ignores what is already gone.
+- `delete_volume()` and `delete_archive()` remove one workspace's volume or archive, ignore
+  what is already gone, and refuse (PermanentError, nothing touched) another's.
 - Progress: archive reports "reading" per chunk then ("verifying", size, size); restore
   ("downloading", read, size) per chunk then ("extracting", size, size). A callback may be
   a plain function or a coroutine function.
@@ -57,6 +58,7 @@ from ...interfaces import (
 from ...model import VolumeState
 from ...storage.tarfilter import TarFilter
 from ..rules import (
+    check_archive_of,
     check_workspace_id,
     is_managed,
     owned_by,
@@ -242,13 +244,15 @@ class MemoryStorageProvider(Lifetime, StorageProvider):
         if self._require_ours(name, workspace_id) is not None:
             del self.volumes[name]
 
-    async def purge(self, home_store_key: str | None, archive_key: str | None) -> None:
-        if home_store_key is not None:
-            await asyncio.sleep(0)
-            if self._require_ours(home_store_key, None) is not None:
-                del self.volumes[home_store_key]
-        if archive_key is not None:
-            await self.objects.delete(archive_key)
+    async def delete_volume(self, workspace_id: str, home_store_key: str) -> None:
+        check_workspace_id(workspace_id)
+        await asyncio.sleep(0)
+        if self._require_ours(home_store_key, workspace_id) is not None:
+            del self.volumes[home_store_key]
+
+    async def delete_archive(self, workspace_id: str, archive_key: str) -> None:
+        check_archive_of(workspace_id, archive_key)
+        await self.objects.delete(archive_key)
 
     async def list_managed(self, workspace_id: str | None = None) -> list[ManagedResource]:
         if workspace_id is not None:
