@@ -223,17 +223,17 @@ async def timed_ours(timings: Timings, name: str, coro: Any) -> Any:
 
 
 async def volume_dir(docker: aiodocker.Docker, storage: DockerVolumeStorage, workspace_id: str,
-                     made: list[str]) -> tuple[str, Path]:
+                     made: list[tuple[str, str]]) -> tuple[str, Path]:
     """A new empty volume (removed at the end with the rest): its name and Mountpoint."""
     volume = await storage.provision(workspace_id)
-    made.append(volume)
+    made.append((workspace_id, volume))
     info = await (await docker.volumes.get(volume)).show()
     return volume, Path(info["Mountpoint"])
 
 
 async def measure(docker: aiodocker.Docker, storage: DockerVolumeStorage, volume: str,
                   mountpoint: Path, work: Path, args: argparse.Namespace,
-                  made: list[str]) -> tuple[Timings, dict[str, int]]:
+                  made: list[tuple[str, str]]) -> tuple[Timings, dict[str, int]]:
     """Run each side --repeat times, alternating which goes first."""
     ref_file = work / "ref.tar.gz"
     timings = Timings()
@@ -260,7 +260,7 @@ async def measure(docker: aiodocker.Docker, storage: DockerVolumeStorage, volume
                 # a workspace id per run: a new volume each time, none deleted until the end
                 restored = await timed_ours(timings, "ours_r", storage.restore(
                     f"w1-r{rep}", archived.key, archived.sha256))
-                made.append(restored)
+                made.append((f"w1-r{rep}", restored))
     return timings, sizes
 
 
@@ -278,7 +278,7 @@ async def run(args: argparse.Namespace) -> None:
                                   compression_level=args.level,
                                   volume_prefix=f"codehub-bench-{run_id}-",
                                   restore_network=network)
-    made: list[str] = []
+    made: list[tuple[str, str]] = []
     try:
         volume, mountpoint = await volume_dir(docker, storage, "w1", made)
         total = args.size_mb * MiB
@@ -307,15 +307,15 @@ async def run(args: argparse.Namespace) -> None:
                   f"{' '.join(f'{r:.2f}' for r in pairs)})")
     finally:
         if not args.keep:
-            for name in reversed(made):
-                await storage.purge(name, None)
+            for workspace_id, name in reversed(made):
+                await storage.delete_volume(workspace_id, name)
             await objects.delete(DockerVolumeStorage.archive_key("w1"))
             if network is not None:
                 with contextlib.suppress(aiodocker.DockerError):
                     await (await docker.networks.get(network.name)).delete()
             shutil.rmtree(work, ignore_errors=True)
         else:
-            print(f"kept: volumes {made}, work dir {work}")
+            print(f"kept: volumes {[name for _, name in made]}, work dir {work}")
         await objects.close()
         await docker.close()
 
