@@ -98,12 +98,21 @@ async def listening_tcp_ports(docker: aiodocker.Docker, container: str) -> list[
     return sorted(ports)
 
 
-def host_ipv4_addresses() -> list[str]:
+def host_ipv4_addresses(own: NetnsHosts | None = None) -> list[str]:
+    """Every IPv4 address of the host but loopback's, leaving out the host side of the
+    namespace hosts other tests made (`chh…` veths that are not `own`'s): a parallel
+    test removes them at any time, and its TEST-NET-3 address then stands for the public
+    internet, which egress "public" rightly reaches."""
+    ours = set() if own is None else {h.host_side for h in (own.private, own.metadata,
+                                                             own.public)}
     out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True,
                          check=True).stdout
     found = []
     for line in out.splitlines():
-        address = line.split()[3].split("/")[0]
+        fields = line.split()
+        interface, address = fields[1].split("@")[0], fields[3].split("/")[0]
+        if interface.startswith("chh") and interface not in ours:
+            continue
         if not address.startswith("127."):
             found.append(address)
     return found

@@ -182,7 +182,7 @@ async def test_a_workspace_reaches_no_other_workspace_no_host_service_and_no_pri
                                        for p in await listening_tcp_ports(docker, b)]
             answering.append(("udp", b_ip, 5353))
             targets: list[Target] = []
-            for address in host_ipv4_addresses():
+            for address in host_ipv4_addresses(hosts):
                 answering += [("tcp", address, gateway_port.getsockname()[1]),
                               ("udp", address, udp.port)]
                 targets += [("tcp", address, p) for p in service_ports]
