@@ -18,6 +18,7 @@ from aiohttp import web
 from . import api, gateway, health, keys, metrics, postgres, store
 from .backends.docker.containers import DockerInstanceController
 from .backends.docker.disks import DiskLayout, HomeDisks
+from .backends.docker.engine import engine_client
 from .backends.docker.firewall import Firewall, host_resolvers
 from .backends.docker.network import BridgeNetwork
 from .backends.docker.sandbox import Sandbox
@@ -84,19 +85,9 @@ async def hints_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
-    cfg = app[keys.CONFIG]
-    docker = aiodocker.Docker(url=cfg.docker.url or None)
-    try:
-        version = await docker.version()
-        log.info("docker: engine %s at %s", version.get("Version"), docker.docker_host)
-    except (aiodocker.DockerError, OSError) as exc:
-        log.warning("docker: engine at %s not answering (%s); workspaces cannot start "
-                    "until it does", docker.docker_host, exc)
-    app[keys.DOCKER] = docker
-    try:
+    async with engine_client(app[keys.CONFIG].docker.url) as docker:
+        app[keys.DOCKER] = docker
         yield
-    finally:
-        await docker.close()
 
 
 async def backends_ctx(app: web.Application) -> AsyncIterator[None]:

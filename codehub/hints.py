@@ -140,6 +140,6 @@ class RedisHintBus(HintBus):
                     await self._client.connection_pool.disconnect()
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped in older redis
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max)

@@ -11,6 +11,9 @@ Guarantees:
   raises.
 - `docker_errors(what)` turns every engine or transport failure inside it into
   `docker_failure(what, ...)`.
+- `engine_client(url)` is the engine's client for the process's lifetime: it logs the
+  engine's version, or a warning when it does not answer (the service still starts;
+  workspaces wait for the engine), and closes the client on the way out.
 - `inspect_container()` / `inspect_volume()` / `inspect_network()` return None for what
   does not exist (404); `remove_container()` / `delete_volume()` / `delete_network()`
   return quietly for it (and for a container removal already in progress). Every other
@@ -20,7 +23,8 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Iterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
 
 import aiodocker
@@ -31,8 +35,24 @@ from aiodocker.volumes import DockerVolume
 from ...interfaces import AdapterError, PermanentError
 
 T = TypeVar("T")
+log = logging.getLogger("codehub.docker")
 TRANSPORT_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, TimeoutError)
 LOG_LINES = 20
+
+
+@contextlib.asynccontextmanager
+async def engine_client(url: str | None) -> AsyncIterator[aiodocker.Docker]:
+    docker = aiodocker.Docker(url=url or None)
+    try:
+        try:
+            version = await docker.version()
+            log.info("docker: engine %s at %s", version.get("Version"), docker.docker_host)
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            log.warning("docker: engine at %s not answering (%s); workspaces cannot start "
+                        "until it does", docker.docker_host, exc)
+        yield docker
+    finally:
+        await docker.close()
 
 
 def docker_failure(what: str, exc: BaseException) -> AdapterError:
