@@ -16,6 +16,7 @@ import pytest
 from isolation_support import exec_in
 
 from codehub.backends.docker.containers import DockerInstanceController
+from codehub.backends.docker.engine import engine_client
 from codehub.backends.docker.sandbox import Sandbox
 from codehub.constants import LABEL_MANAGED_BY, LABEL_WORKSPACE_ID
 from codehub.interfaces import AdapterError, InstanceStatus, PermanentError
@@ -439,3 +440,24 @@ async def test_a_fork_bomb_stops_at_the_pids_limit_and_other_workspaces_keep_ser
         assert await ctl.get_status("bomb") == InstanceStatus(InstanceState.RUNNING)
     finally:
         await ctl.close()
+
+
+async def test_engine_client_starts_without_an_engine_and_says_so(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """An engine that does not answer at start is a warning, not a failed start: the
+    client is handed out (workspaces wait for the engine) and closed on the way out."""
+    caplog.set_level("INFO", logger="codehub.docker")
+    async with engine_client(f"unix://{tmp_path}/no-engine.sock") as docker:
+        assert isinstance(docker, aiodocker.Docker)
+    assert "not answering" in caplog.text
+    assert docker.session.closed
+
+
+async def test_engine_client_logs_the_engines_version(
+        docker: aiodocker.Docker, docker_engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="codehub.docker")
+    version = (await docker.version())["Version"]
+    async with engine_client(docker_engine.url) as client:
+        assert (await client.version())["Version"] == version
+    assert f"docker: engine {version}" in caplog.text
