@@ -140,6 +140,7 @@ class RedisHintBus(HintBus):
                     await self._client.connection_pool.disconnect()
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped in older redis
+                    # older redis releases leave it untyped (hence the ignore); 8.2 types it
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiodocker
 import aiohttp
 import pytest
+from harness import services
 from isolation_support import exec_in
 
 from codehub.backends.docker.containers import DockerInstanceController
@@ -443,10 +445,10 @@ async def test_a_fork_bomb_stops_at_the_pids_limit_and_other_workspaces_keep_ser
 
 
 async def test_engine_client_starts_without_an_engine_and_says_so(
-        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An engine that does not answer at start is a warning, not a failed start: the
     client is handed out (workspaces wait for the engine) and closed on the way out."""
-    caplog.set_level("INFO", logger="codehub.docker")
+    caplog.set_level("INFO", logger="codehub.backends.docker.engine")
     async with engine_client(f"unix://{tmp_path}/no-engine.sock") as docker:
         assert isinstance(docker, aiodocker.Docker)
     assert "not answering" in caplog.text
@@ -454,9 +456,9 @@ async def test_engine_client_starts_without_an_engine_and_says_so(
 
 
 async def test_engine_client_logs_the_engines_version(
-        docker: aiodocker.Docker, docker_engine: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level("INFO", logger="codehub.docker")
+        docker: aiodocker.Docker, docker_engine: services.DockerEngine,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="codehub.backends.docker.engine")
     version = (await docker.version())["Version"]
     async with engine_client(docker_engine.url) as client:
         assert (await client.version())["Version"] == version

@@ -35,7 +35,7 @@ from aiodocker.volumes import DockerVolume
 from ...interfaces import AdapterError, PermanentError
 
 T = TypeVar("T")
-log = logging.getLogger("codehub.docker")
+log = logging.getLogger(__name__)
 TRANSPORT_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, TimeoutError)
 LOG_LINES = 20
 
@@ -47,7 +47,7 @@ async def engine_client(url: str | None) -> AsyncIterator[aiodocker.Docker]:
         try:
             version = await docker.version()
             log.info("docker: engine %s at %s", version.get("Version"), docker.docker_host)
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+        except (*TRANSPORT_ERRORS, OSError) as exc:
             log.warning("docker: engine at %s not answering (%s); workspaces cannot start "
                         "until it does", docker.docker_host, exc)
         yield docker
