@@ -241,6 +241,11 @@ class Leader:
         self.kills += 1
         self.start()
 
+    def tail(self, lines: int = 80) -> str:
+        """The end of the children's log, for a failure's message."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "leader log (last lines):\n" + "\n".join(text.splitlines()[-lines:])
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -58,7 +58,8 @@ async def converge(stack: Stack, leader: Leader, wid: str, status: Status | None
         if ws is not None and ws.status is status and ws.operation.value == "NONE":
             return
         assert ws is None or ws.status is not Status.ERROR, (ws.error_message, ws)
-        assert loop.time() < deadline, f"not converged to {status} in {timeout}s: {ws}"
+        assert loop.time() < deadline, (
+            f"not converged to {status} in {timeout}s: {ws}\n{leader.tail()}")
         await asyncio.sleep(0.1)
 
 
