@@ -230,6 +230,13 @@ class GatewayConfig:
         hi=3600)
     upstream_max_idle: int = setting(
         32, "Idle keep-alive connections kept per workspace.", lo=0, hi=10000)
+    busy_poll_us: int = setting(
+        100, "Microseconds the event loop keeps polling after it forwarded a request or a "
+        "WebSocket chunk, instead of sleeping at once: the answer, or the browser's next "
+        "request, then finds the gateway awake (on a VM, waking a halted CPU costs tens of "
+        "microseconds per hop). Costs at most this much CPU per burst of traffic, only CPU "
+        "no other task wants (each round yields first); none at rest. 0: off.", lo=0,
+        hi=10000)
     stale_route_max: float = setting(
         300.0, "Seconds the gateway keeps proxying a running workspace from its last known "
         "route while the database cannot be read (0: never serve a route it could not "

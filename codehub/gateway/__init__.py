@@ -1,7 +1,8 @@
 """The gateway: everything under /w/{workspace_id}/ (ARCHITECTURE.md "Gateway hot path").
 
 Modules, one concept each: `routes` (route table + hint consumer), `upstream` (pooled
-HTTP/1.1 connections to workspaces), `proxy` (HTTP), `websocket` (relay), `auth` (cookie
+HTTP/1.1 connections to workspaces), `busypoll` (the loop polls a moment after proxy work
+instead of sleeping), `proxy` (HTTP), `websocket` (relay), `auth` (cookie
 names and headers), `access` (the workspace cookie checked, a link redeemed), `activity`
 (marks + batched flush), `pages` (loading, COLD, error), `events` (SSE, and its limits),
 `watch` (one watcher per workspace feeding all its event streams), `handler` (what each

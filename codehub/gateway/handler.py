@@ -65,6 +65,7 @@ from . import auth, events, limits, signin
 from .access import Access
 from .activity import Activity
 from .auth import COOKIE_NAME, HOST_COOKIE_NAME
+from .busypoll import BusyPoll
 from .pages import Pages, plain, wants_html
 from .peers import Peers
 from .presence import ACTIVITY_PATH, SCRIPT_PATH, Presence
@@ -116,8 +117,10 @@ class Gateway:
         self.retry_after = g.wake_retry_after
         self.health_path = cfg.docker.health_path
         self.events_poll_interval = g.events_poll_interval
+        self.busy_poll = BusyPoll(g.busy_poll_us / 1e6)
         self.pool = UpstreamPool(connect_timeout=g.upstream_connect_timeout,
-                                 idle_timeout=g.upstream_idle_timeout, max_idle=g.upstream_max_idle)
+                                 idle_timeout=g.upstream_idle_timeout, max_idle=g.upstream_max_idle,
+                                 busy_poll=self.busy_poll)
         # WebSockets and health checks. Its own connector without a limit: relayed sockets
         # hold their connection for hours and must never wait for (or starve) a slot.
         self.session = aiohttp.ClientSession(
@@ -370,7 +373,8 @@ class Gateway:
         if task is not None:
             sockets[task] = nonce
         try:
-            return await relay(self.session, request, url, fwd, workspace_id, self.activity)
+            return await relay(self.session, request, url, fwd, workspace_id, self.activity,
+                               self.busy_poll.kick)
         except UpstreamRefused as exc:
             if exc.status == 502:
                 return await self.unreachable(request, workspace_id, str(exc))

@@ -26,7 +26,8 @@ Guarantees:
   browser's first chunk decides: a socket that speaks VS Code's protocol counts only
   the chunks `idle.counts` says a person caused (not keep-alives, acks, small background
   messages); any other socket counts every chunk (the fallback for custom images).
-  `Side.data_received` is the one per-chunk hook.
+  `Side.data_received` is the one per-chunk hook; it also calls `kick` (the gateway's
+  BusyPoll: the loop polls a moment for the answer instead of sleeping).
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def ends_with_close_frame(tail: bytes, *, masked: bool) -> bool:
 class Side(asyncio.Protocol):
     """One TCP connection of the tunnel; reads from it are written to `peer`."""
 
-    __slots__ = ("buffer", "clock", "counts_all", "lost", "mark", "masked", "next_mark",
-                 "on_lost", "peer", "prev", "read_done", "tail", "transport", "tunnel",
-                 "waiter", "writing_paused")
+    __slots__ = ("buffer", "clock", "counts_all", "kick", "lost", "mark", "masked",
+                 "next_mark", "on_lost", "peer", "prev", "read_done", "tail", "transport",
+                 "tunnel", "waiter", "writing_paused")
 
     def __init__(self, tunnel: Tunnel, *, masked: bool) -> None:
         self.tunnel = tunnel
@@ -93,6 +94,7 @@ class Side(asyncio.Protocol):
         self.clock = tunnel.loop.time
         self.next_mark = 0.0
         self.mark = tunnel.mark
+        self.kick = tunnel.kick
         self.counts_all = not tunnel.sort_activity  # every chunk marks (no need to look)
         self.tail = b""  # the last two reads: where a closing frame would be
         self.prev = b""
@@ -121,6 +123,7 @@ class Side(asyncio.Protocol):
             return
         if peer.transport is not None and not peer.lost:
             peer.transport.write(data)
+        self.kick()  # the answer to this chunk is due soon (busypoll.py)
         self.prev, self.tail = self.tail, data
         now = self.clock()
         if now >= self.next_mark and (self.counts_all or self.tunnel.counts(self, data)):
@@ -187,9 +190,11 @@ class Tunnel:
     """Joins a browser connection (masked frames) to a workspace connection."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, mark: Callable[[], None], *,
-                 sort_activity: bool = False) -> None:
+                 sort_activity: bool = False, kick: Callable[[], None] = lambda: None,
+                 ) -> None:
         self.loop = loop
         self.mark = mark
+        self.kick = kick  # called after each chunk is passed on (BusyPoll.kick)
         self.sort_activity = sort_activity
         self.vscode: bool | None = None  # undecided until the browser's first chunk
         self.browser = Side(self, masked=True)

@@ -28,6 +28,8 @@ import time
 
 import httptools
 
+from .busypoll import BusyPoll
+
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
@@ -274,8 +276,12 @@ class UpstreamPool:
     """Keep-alive connections to workspaces, keyed by (host, port). Most recently used
     connections are reused first, so the least used ones age out."""
 
-    def __init__(self, *, connect_timeout: float, idle_timeout: float, max_idle: int) -> None:
+    def __init__(self, *, connect_timeout: float, idle_timeout: float, max_idle: int,
+                 busy_poll: BusyPoll | None = None) -> None:
         self.connect_timeout = connect_timeout
+        # Kicked when a request goes out and when a connection comes back: the loop polls
+        # a moment for the workspace's answer and the browser's next request (busypoll.py).
+        self._kick = (busy_poll or BusyPoll(0)).kick
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
@@ -284,6 +290,7 @@ class UpstreamPool:
     async def acquire(self, host: str, port: int) -> tuple[UpstreamConnection, bool]:
         """A connection to (host, port) and whether it was reused (it may then turn out
         to have been closed by the workspace a moment ago: see UpstreamError.no_response)."""
+        self._kick()
         key = (host, port)
         idle = self._idle.get(key)
         if idle:
@@ -307,6 +314,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         """Give a connection back: kept idle if `reusable` and healthy, else closed."""
+        self._kick()
         self._busy.discard(conn)
         if reusable and conn.reusable:
             idle = self._idle.setdefault(conn.key, [])

@@ -34,6 +34,7 @@ import base64
 import binascii
 import hashlib
 import os
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -105,7 +106,7 @@ class UpstreamRefused(Exception):
 
 async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
                 fwd: Forwarding, workspace_id: str, activity: Activity,
-                ) -> web.StreamResponse:
+                kick: Callable[[], None] = lambda: None) -> web.StreamResponse:
     """Relay a WebSocket upgrade to `url` (ws://host:port/path?query) as a byte tunnel.
     Raises UpstreamRefused before the browser is answered if the workspace refuses.
     `session` only lends its connect timeout: the upstream is a connection of its own."""
@@ -114,7 +115,7 @@ async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
         raise UpstreamRefused(400, "not a valid WebSocket upgrade (Sec-WebSocket-Key, "
                                    "Sec-WebSocket-Version: 13)")
     tunnel = Tunnel(asyncio.get_running_loop(), lambda: activity.mark(workspace_id),
-                    sort_activity=activity.sort_sockets)
+                    sort_activity=activity.sort_sockets, kick=kick)
     try:
         chosen = await _handshake(session, request, url, fwd, tunnel.upstream)
         browser = await _answer_browser(request, client_key, chosen, tunnel)
