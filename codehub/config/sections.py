@@ -234,9 +234,9 @@ class GatewayConfig:
         100, "Microseconds the event loop keeps polling after it forwarded a request or a "
         "WebSocket chunk, instead of sleeping at once: the answer, or the browser's next "
         "request, then finds the gateway awake (on a VM, waking a halted CPU costs tens of "
-        "microseconds per hop). Costs at most this much CPU per burst of traffic, only CPU "
-        "no other task wants (each round yields first); none at rest. 0: off.", lo=0,
-        hi=10000)
+        "microseconds per hop). In any second it polls no longer than the loop worked (plus "
+        "5 ms), so a trickle of traffic cannot make it poll a whole CPU; idle rounds yield "
+        "to other ready tasks first; nothing at rest. 0: off.", lo=0, hi=10000)
     stale_route_max: float = setting(
         300.0, "Seconds the gateway keeps proxying a running workspace from its last known "
         "route while the database cannot be read (0: never serve a route it could not "
