@@ -119,8 +119,8 @@ class Gateway:
         self.events_poll_interval = g.events_poll_interval
         self.busy_poll = BusyPoll(g.busy_poll_us / 1e6)
         self.pool = UpstreamPool(connect_timeout=g.upstream_connect_timeout,
-                                 idle_timeout=g.upstream_idle_timeout, max_idle=g.upstream_max_idle,
-                                 busy_poll=self.busy_poll)
+                                 idle_timeout=g.upstream_idle_timeout,
+                                 max_idle=g.upstream_max_idle, kick=self.busy_poll.kick)
         # WebSockets and health checks. Its own connector without a limit: relayed sockets
         # hold their connection for hours and must never wait for (or starve) a slot.
         self.session = aiohttp.ClientSession(

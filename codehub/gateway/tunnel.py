@@ -190,8 +190,7 @@ class Tunnel:
     """Joins a browser connection (masked frames) to a workspace connection."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, mark: Callable[[], None], *,
-                 sort_activity: bool = False, kick: Callable[[], None] = lambda: None,
-                 ) -> None:
+                 kick: Callable[[], None], sort_activity: bool = False) -> None:
         self.loop = loop
         self.mark = mark
         self.kick = kick  # called after each chunk is passed on (BusyPoll.kick)

@@ -25,10 +25,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 
 import httptools
-
-from .busypoll import BusyPoll
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -277,11 +276,11 @@ class UpstreamPool:
     connections are reused first, so the least used ones age out."""
 
     def __init__(self, *, connect_timeout: float, idle_timeout: float, max_idle: int,
-                 busy_poll: BusyPoll | None = None) -> None:
+                 kick: Callable[[], None]) -> None:
         self.connect_timeout = connect_timeout
-        # Kicked when a request goes out and when a connection comes back: the loop polls
-        # a moment for the workspace's answer and the browser's next request (busypoll.py).
-        self._kick = (busy_poll or BusyPoll(0)).kick
+        # Called when a request goes out and when a connection comes back (BusyPoll.kick):
+        # the loop polls a moment for the workspace's answer and the browser's next request.
+        self._kick = kick
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}

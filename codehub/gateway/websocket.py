@@ -106,7 +106,7 @@ class UpstreamRefused(Exception):
 
 async def relay(session: aiohttp.ClientSession, request: web.Request, url: str,
                 fwd: Forwarding, workspace_id: str, activity: Activity,
-                kick: Callable[[], None] = lambda: None) -> web.StreamResponse:
+                kick: Callable[[], None]) -> web.StreamResponse:
     """Relay a WebSocket upgrade to `url` (ws://host:port/path?query) as a byte tunnel.
     Raises UpstreamRefused before the browser is answered if the workspace refuses.
     `session` only lends its connect timeout: the upstream is a connection of its own."""
