@@ -1,7 +1,8 @@
 """Polling before sleeping (codehub/gateway/busypoll.py): the loop polls for its budget
 after a kick, then sleeps; nothing polls at rest or with a zero budget; polling never
-costs more than the work it serves (a hostile trickle of kicks buys no polling core); a
-proxied request and a relayed WebSocket chunk each kick it."""
+costs more than the work it serves (a hostile trickle of kicks buys no polling core, nor
+does a trickle of 1-byte WebSocket messages through the gateway to the real echo
+workspace); a proxied request and a relayed WebSocket chunk each kick it."""
 
 from __future__ import annotations
 
@@ -141,3 +142,26 @@ async def test_a_proxied_request_and_a_relayed_websocket_chunk_each_make_the_loo
             assert (msg.type, msg.data) == (aiohttp.WSMsgType.TEXT, "ping")
             await asyncio.sleep(0.3)
             assert rounds[0] > opened, "a relayed chunk did not kick the poll"
+
+
+async def test_a_websocket_trickle_through_the_gateway_buys_no_polling_core(
+        stack: Stack) -> None:
+    # The attacker's side: one relayed WebSocket to the real echo workspace, a 1-byte
+    # message every millisecond, each keeping the polling window open. The process (the
+    # gateway and this client share it) must not poll a core for it.
+    await stack.add()
+    stack.gw.busy_poll.budget = 1.0
+    url = stack.url(WS_PATH).replace("http", "ws")
+    async with client() as http, http.ws_connect(url, headers=stack.headers()) as sock:
+        loop = asyncio.get_running_loop()
+        before, sent = time.process_time(), 0
+        end = loop.time() + 1.0
+        while loop.time() < end:
+            await sock.send_bytes(b"x")
+            msg = await sock.receive(timeout=10)
+            assert msg.data == b"x"
+            sent += 1
+            await asyncio.sleep(0.001)
+        used = time.process_time() - before
+    # Unbounded, the loop would have polled the whole second (about 1 s of CPU).
+    assert used < 0.6, f"{used:.2f} s of CPU for {sent} one-byte messages in 1 s"
